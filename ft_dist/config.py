@@ -1,0 +1,271 @@
+"""The typed config schema: one dataclass per Hydra group, registered in Hydra's ConfigStore.
+
+Hydra merges every YAML under `conf/` into these dataclasses, so a misspelt key or a value of the wrong type
+fails at composition time. `validate()` then checks the values that a type cannot express (ranges, choices,
+combinations) and raises `ConfigError` naming the dotted key. Nothing here imports torch: a bad command line
+must fail in well under a second, before any model or data is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from ft_dist.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to finetune and how to build it."""
+
+    name: str = MISSING
+    """Short name used in run names and reports."""
+    name_or_path: Optional[str] = None
+    """HF hub id or local directory with weights. None: build from `arch` with random init."""
+    from_config: bool = False
+    """Ignore pretrained weights and build from `arch` with random init (smoke runs; never downloads)."""
+    arch: Dict[str, Any] = field(default_factory=dict)
+    """HF config fields (`model_type` first). Lets tests and the planner build the architecture offline."""
+    tokenizer: Optional[str] = None
+    """Tokenizer dir/id; `embedded:char` is ft-dist's built-in tokenizer; None: same as `name_or_path`."""
+    trust_remote_code: bool = False
+    """Run code shipped with a hub model. Off unless you trust the repository."""
+    attn_implementation: str = "sdpa"
+    """sdpa | eager | flash_attention_2."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% more compute."""
+
+
+@dataclass
+class DataConfig:
+    """Where the instruction-response pairs come from and how they become token sequences."""
+
+    name: str = MISSING
+    path: str = MISSING
+    """A JSONL/JSON/CSV/Parquet file, or `hf:<dataset id>` for a hub dataset."""
+    hf_split: str = "train"
+    hf_revision: Optional[str] = None
+    prompt_field: str = "question"
+    response_field: str = "answer"
+    context_field: Optional[str] = None
+    """Optional extra input appended to the prompt (Alpaca's `input`)."""
+    template: str = "qa"
+    """Prompt template name, see ft_dist/data/templates.py."""
+    max_seq_len: int = 512
+    overlong: str = "truncate"
+    """truncate | drop: what to do with examples longer than max_seq_len."""
+    test_size: float = 0.1
+    """Share (0 < x < 1) or count (x >= 1) of examples held out for evaluation."""
+    split_seed: int = 42
+    limit: Optional[int] = None
+    """Use only the first N examples (smoke runs)."""
+    cache_dir: str = "~/.cache/ft-dist/data"
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation schedule. Global batch = micro_batch_size x grad_accum x world size."""
+
+    optimizer: str = "adamw"
+    """adamw | sgd."""
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    scheduler: str = "cosine"
+    """cosine | linear | constant, after linear warmup."""
+    warmup_steps: int = 0
+    max_steps: int = -1
+    """Optimizer steps; -1 derives them from `epochs`."""
+    epochs: float = 1.0
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm; 0 disables clipping."""
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)."""
+    log_every: int = 10
+    eval_every: int = 0
+    """Eval loss every N steps (0: only at the end)."""
+    eval_batches: int = 0
+    """Batches of the test split per periodic eval (0: all)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only the final model)."""
+    seed: int = 42
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+
+@dataclass
+class StrategyConfig:
+    """How the model is placed on devices. The loop never branches on this; ft_dist/strategies does."""
+
+    name: str = "single"
+    """single | ddp | fsdp | deepspeed."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo."""
+    zero_stage: int = 0
+    offload_optimizer: str = "none"
+    """none | cpu | nvme (DeepSpeed)."""
+    offload_params: str = "none"
+    nvme_path: Optional[str] = None
+    cpu_offload: bool = False
+    """FSDP2: keep sharded parameters on the CPU."""
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient finetuning (PEFT's LoRA). method=none trains every weight."""
+
+    method: str = "none"
+    """none | lora."""
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    merge_on_save: bool = True
+    """Also write a merged full model beside the adapter."""
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go besides stdout and metrics.jsonl."""
+
+    name: str = "none"
+    """none | wandb."""
+    project: str = "ft-dist"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    mode: str = "auto"
+    """auto (online only with WANDB_API_KEY, else offline) | online | offline."""
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    """Task evaluation by generation on the test split."""
+
+    max_new_tokens: int = 64
+    batch_size: int = 32
+    max_examples: int = 0
+    """Evaluate on at most N test examples (0: all)."""
+    before_training: bool = True
+    """Measure the task metric on the base model first, for a before/after table."""
+
+
+@dataclass
+class RunConfig:
+    """A training run (`ft-train`)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = MISSING
+    """The run directory: config.yaml, metrics.jsonl, checkpoints/, final/."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+
+
+@dataclass
+class EvalRunConfig(RunConfig):
+    """`ft-eval`: score a model (base, or a finetuned `checkpoint`) on the test split."""
+
+    checkpoint: Optional[str] = None
+    """A finetuned model directory (a run's final/); None evaluates the base model."""
+    compare_base: bool = True
+    """With a checkpoint, also evaluate the base model and print before/after."""
+
+
+@dataclass
+class GenerateRunConfig(RunConfig):
+    """`ft-generate`: answer prompts with a model through the data config's template."""
+
+    checkpoint: Optional[str] = None
+    prompt: Optional[str] = None
+    """One prompt; None reads prompts from stdin, one per line."""
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=RunConfig)
+    cs.store(name="eval_schema", node=EvalRunConfig)
+    cs.store(name="generate_schema", node=GenerateRunConfig)
+    from ft_dist.planner.schema import register as register_plan  # the planner's own schema module
+
+    register_plan(cs)
+
+
+_CHOICES: Dict[str, tuple] = {
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "data.overlong": ("truncate", "drop"),
+    "train.optimizer": ("adamw", "sgd"),
+    "train.scheduler": ("cosine", "linear", "constant"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "strategy.name": ("single", "ddp", "fsdp", "deepspeed"),
+    "strategy.backend": ("auto", "nccl", "gloo"),
+    "strategy.offload_optimizer": ("none", "cpu", "nvme"),
+    "strategy.offload_params": ("none", "cpu", "nvme"),
+    "peft.method": ("none", "lora"),
+    "logger.name": ("none", "wandb"),
+    "logger.mode": ("auto", "online", "offline"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+_POSITIVE = (
+    "data.max_seq_len", "train.micro_batch_size", "train.grad_accum", "train.lr", "train.epochs",
+    "train.log_every", "eval.max_new_tokens", "eval.batch_size", "peft.r", "peft.alpha",
+)
+_NON_NEGATIVE = (
+    "train.weight_decay", "train.warmup_steps", "train.max_grad_norm", "train.eval_every", "train.eval_batches",
+    "train.save_every", "train.num_workers", "eval.max_examples", "strategy.zero_stage",
+)
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def validate(cfg: Any) -> None:
+    """Check what types cannot: choices, ranges and combinations. Raises ConfigError naming the key."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value is not None and value not in choices:
+            raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
+    for key in _POSITIVE:
+        value = _get(cfg, key)
+        if value is not None and not value > 0:
+            raise ConfigError(key, f"expected a value > 0, got {value!r}")
+    for key in _NON_NEGATIVE:
+        value = _get(cfg, key)
+        if value is not None and value < 0:
+            raise ConfigError(key, f"expected a value >= 0, got {value!r}")
+    if cfg.train.max_steps == 0 or cfg.train.max_steps < -1:
+        raise ConfigError("train.max_steps", f"expected a positive step count or -1, got {cfg.train.max_steps}")
+    if not 0 < cfg.data.test_size and not (cfg.data.test_size >= 1 and float(cfg.data.test_size).is_integer()):
+        raise ConfigError("data.test_size", f"expected a share in (0, 1) or a whole count >= 1, got {cfg.data.test_size}")
+    if not 0.0 <= cfg.peft.dropout < 1.0:
+        raise ConfigError("peft.dropout", f"expected a value in [0, 1), got {cfg.peft.dropout}")
+    if cfg.data.limit is not None and cfg.data.limit <= 0:
+        raise ConfigError("data.limit", f"expected a positive count or null, got {cfg.data.limit}")
+    if cfg.model.name_or_path is None and not cfg.model.arch:
+        raise ConfigError("model.name_or_path", "expected a hub id or path, or `model.arch` to build from config")
+    if (cfg.model.from_config or cfg.model.name_or_path is None) and "model_type" not in cfg.model.arch:
+        raise ConfigError("model.arch.model_type", "expected the HF model_type (e.g. llama, gpt_neox) to build from config")
+    if cfg.model.tokenizer is None and cfg.model.name_or_path is None:
+        raise ConfigError("model.tokenizer", "expected a tokenizer path or id when the model has no name_or_path")
+    if cfg.strategy.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError("strategy.zero_stage", f"expected 0, 1, 2 or 3, got {cfg.strategy.zero_stage}")

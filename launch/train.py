@@ -1,0 +1,10 @@
+"""`python launch/train.py k=v ...` or `torchrun --nproc_per_node N launch/train.py k=v ...` (same as ft-train)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from ft_dist.cli import train  # noqa: E402
+
+if __name__ == "__main__":
+    train()
