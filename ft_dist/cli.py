@@ -8,6 +8,7 @@ once up front ourselves so a misspelt key or a bad value becomes one line naming
 from __future__ import annotations
 
 import difflib
+import re
 import os
 import sys
 from pathlib import Path
@@ -68,8 +69,12 @@ def _describe_composition_error(config_name: str, ex: BaseException) -> str:
         close = difflib.get_close_matches(key, _known_keys(config_name), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"config error: {key}: no such config key{hint}"
-    if "Could not find" in str(ex) or "In '" in str(ex):
-        return "config error: " + " ".join(str(ex).split())
+    missing = re.search(r"Could not find '([^/']+)/([^']+)'", str(ex))
+    if missing:
+        group, option = missing.groups()
+        available = re.search(r"Available options in '[^']+':\s*(.*?)\s*(Config search path|$)", str(ex), re.S)
+        choices = " ".join(available.group(1).split()) if available else "see conf/" + group
+        return f"config error: {group}: no option {option!r}; available: {choices}"
     if key:
         return f"config error: {key}: {text}"
     return "config error: " + " ".join(str(ex).split())

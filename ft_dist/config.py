@@ -8,6 +8,7 @@ must fail in well under a second, before any model or data is touched.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -267,5 +268,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError("model.arch.model_type", "expected the HF model_type (e.g. llama, gpt_neox) to build from config")
     if cfg.model.tokenizer is None and cfg.model.name_or_path is None:
         raise ConfigError("model.tokenizer", "expected a tokenizer path or id when the model has no name_or_path")
+    path = cfg.data.path
+    if not path.startswith("hf:") and not os.path.isfile(os.path.expanduser(path)):
+        raise ConfigError("data.path", f"expected an existing data file or hf:<dataset id>, got {path!r} (no such file)")
     if cfg.strategy.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("strategy.zero_stage", f"expected 0, 1, 2 or 3, got {cfg.strategy.zero_stage}")

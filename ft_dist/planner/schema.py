@@ -1,18 +1,65 @@
-"""Config schema of `ft-plan` (stub: the planner issue fills this in)."""
+"""Config schema of `ft-plan`: the model (from conf/model/) and the `plan` knobs. No torch imports here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
 from ft_dist.config import ModelConfig
+from ft_dist.errors import ConfigError
 
 
 @dataclass
 class PlanConfig:
+    """What to plan. Fields left null are searched over."""
+
     tokens: float = 0.0
+    """Dataset tokens (one epoch); the token budget is tokens x epochs. Required (> 0)."""
+    epochs: float = 1.0
+    instance: Optional[str] = None
+    """One catalog instance (e.g. p4d.24xlarge); null: the whole catalog."""
+    nodes: Optional[int] = None
+    """Number of nodes; null: search 1, 2, 4, 8."""
+    strategy: Optional[str] = None
+    """single | ddp | fsdp | zero1 | zero2 | zero3 | zero2_offload | zero3_offload; null: search."""
+    peft: str = "none"
+    """none | lora | qlora (4-bit NF4 base)."""
+    lora_rank: int = 16
+    lora_targets: List[str] = field(default_factory=lambda: ["all-linear"])
+    precision: str = "bf16"
+    """fp32 | fp16 | bf16 (mixed, fp32 master weights) | pure_bf16."""
+    optimizer: str = "adamw"
+    """adamw | adamw_8bit | sgd."""
+    seq_len: int = 2048
+    micro_batch: Optional[int] = None
+    """null: search 1..32."""
+    activation_checkpointing: Optional[bool] = None
+    """null: try both."""
+    attention: str = "sdpa"
+    """sdpa | flash_attention_2 | eager (eager materialises the s x s scores)."""
+    global_batch: int = 64
+    """Sequences per optimizer step; gradient accumulation makes it up."""
+    headroom: float = 0.10
+    """Share of GPU memory and host RAM kept free."""
+    cuda_context_gib: float = 1.0
+    fragmentation: float = 0.10
+    mfu: Dict[str, float] = field(default_factory=dict)
+    """Override the catalog's MFU per GPU generation, e.g. plan.mfu.ampere=0.5."""
+    deadline_hours: Optional[float] = None
+    budget_usd: Optional[float] = None
+    trace: bool = False
+    """Measure one training step of the real architecture under FakeTensorMode + MemTracker instead of estimating."""
+    trace_layers: int = 2
+    format: str = "table"
+    """table | json."""
+    top: int = 10
+    """Rows of the ranked table."""
+    output_dir: str = "plan_out"
+    """Where the PNG chart, plan.yaml and launch.sh go; empty string: write nothing."""
+    catalog: Optional[str] = None
+    """Another catalog file with the layout of ft_dist/planner/catalog.yaml."""
 
 
 @dataclass
@@ -25,5 +72,37 @@ def register(cs: ConfigStore) -> None:
     cs.store(name="plan_schema", node=PlanRunConfig)
 
 
+_CHOICES = {
+    "strategy": ("single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"),
+    "peft": ("none", "lora", "qlora"),
+    "precision": ("fp32", "fp16", "bf16", "pure_bf16"),
+    "optimizer": ("adamw", "adamw_8bit", "sgd"),
+    "attention": ("sdpa", "flash_attention_2", "eager"),
+    "format": ("table", "json"),
+}
+
+
 def validate_plan(cfg: Any) -> None:
-    """Value checks beyond types; raise ft_dist.errors.ConfigError naming the key."""
+    """Value checks beyond types; raise ConfigError naming the key. Cheap: runs before any heavy import."""
+    plan = cfg.plan
+    for key, choices in _CHOICES.items():
+        value = getattr(plan, key)
+        if value is not None and value not in choices:
+            raise ConfigError(f"plan.{key}", f"expected one of {', '.join(choices)}, got {value!r}")
+    if not plan.tokens > 0:
+        raise ConfigError("plan.tokens", f"expected the dataset's token count (> 0), got {plan.tokens}")
+    for key in ("epochs", "seq_len", "lora_rank", "global_batch", "top"):
+        if not getattr(plan, key) > 0:
+            raise ConfigError(f"plan.{key}", f"expected a value > 0, got {getattr(plan, key)}")
+    for key in ("nodes", "micro_batch", "deadline_hours", "budget_usd"):
+        value = getattr(plan, key)
+        if value is not None and not value > 0:
+            raise ConfigError(f"plan.{key}", f"expected a value > 0 or null, got {value}")
+    if not 0 <= plan.headroom < 1:
+        raise ConfigError("plan.headroom", f"expected a share in [0, 1), got {plan.headroom}")
+    if "model_type" not in cfg.model.arch:
+        raise ConfigError("model.arch.model_type", "the planner builds from `arch`; this model config has none")
+    if plan.instance is not None:
+        from ft_dist.planner.catalog import instance, load_catalog
+
+        instance(plan.instance, load_catalog(plan.catalog))

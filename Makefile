@@ -1,0 +1,28 @@
+# Quick start: `make demo` (finetune + evaluate the embedded default) and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+# The torch wheel for this machine goes in FIRST, so the range in pyproject.toml never pulls a second build.
+# CPU default; on a GPU machine e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126".
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+# DeepSpeed compiles its CPU/GPU ops on first use; one shared cache means they are built once, not per test.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) launch/train.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .cache runs multirun

@@ -1,0 +1,66 @@
+"""Which examples each rank sees at each optimizer step, and how they become padded tensors.
+
+The order is a seeded permutation per epoch over the whole training set, cut into global batches of
+micro_batch x grad_accum x world_size examples. Each rank takes its slice of each global batch, so the sequence
+of global batches, and hence training, is the same whatever the world size; and a position in the data is just
+`samples consumed`, which resume on any world size maps back to a step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from ft_dist.data.tokenize import IGNORE_INDEX
+from ft_dist.errors import ConfigError
+
+
+class GlobalBatchSampler:
+    def __init__(self, num_examples: int, micro_batch: int, grad_accum: int, world_size: int, rank: int, seed: int):
+        self.n = num_examples
+        self.micro = micro_batch
+        self.accum = grad_accum
+        self.world = world_size
+        self.rank = rank
+        self.seed = seed
+        self.global_batch = micro_batch * grad_accum * world_size
+        if self.global_batch > num_examples:
+            raise ConfigError("train.micro_batch_size",
+                              f"global batch {self.global_batch} (micro x accum x world) exceeds the {num_examples} training examples")
+        self.steps_per_epoch = num_examples // self.global_batch
+        self._epoch = -1
+        self._perm: List[int] = []
+
+    def _permutation(self, epoch: int) -> List[int]:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm = torch.randperm(self.n, generator=g).tolist()
+            self._epoch = epoch
+        return self._perm
+
+    def global_indices(self, step: int) -> List[int]:
+        """All example indices of optimizer step `step` (every rank can compute them)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        start = k * self.global_batch
+        return self._permutation(epoch)[start:start + self.global_batch]
+
+    def micro_batches(self, step: int) -> List[List[int]]:
+        """This rank's `grad_accum` micro-batches for step `step`."""
+        idx = self.global_indices(step)
+        chunk = self.micro * self.world
+        return [idx[a * chunk + self.rank * self.micro: a * chunk + (self.rank + 1) * self.micro] for a in range(self.accum)]
+
+
+def collate(examples: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked out of attention and loss."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

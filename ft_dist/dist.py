@@ -1,0 +1,124 @@
+"""Process-group setup and teardown, rank helpers, and rank-0-only printing.
+
+A single process (no torchrun) runs without a process group, so the same code serves a laptop smoke run and a
+many-node job. Everything that must happen on one rank only (printing, W&B, writing shared files) asks `is_main()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterator, List
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process sits: global rank, local rank on its node, and how many processes there are."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+_WORLD = World()
+
+
+def world() -> World:
+    return _WORLD
+
+
+def is_main() -> bool:
+    return _WORLD.is_main
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """`auto` takes this rank's GPU when there is one, else the CPU. Asking for cuda without one is a user error."""
+    from ft_dist.errors import ConfigError
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "expected a CUDA GPU for device=cuda, but torch sees none (use device=cpu)")
+    if requested in ("cuda", "auto") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init(device: str = "auto", backend: str = "auto") -> World:
+    """Join the process group that torchrun/deepspeed/srun described in the environment, if any."""
+    global _WORLD
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if size > 1 and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+    _WORLD = World(rank=rank, local_rank=local_rank, size=size, device=dev)
+    return _WORLD
+
+
+def close() -> None:
+    """Destroy the process group after a barrier, so no rank exits while another still talks to it."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: List[float]) -> List[float]:
+    """Sum a few scalars over all ranks (metrics, token counts); identity in a single process."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_WORLD.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's value on every rank (e.g. the run directory, which embeds a timestamp)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 does the work inside first (e.g. preparing the data cache); the others wait, then reuse it."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def log(message: str) -> None:
+    """Print on global rank 0 only; never interleaves with a progress bar."""
+    if not is_main():
+        return
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stdout)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        print(message, flush=True)

@@ -1,0 +1,124 @@
+"""Activation and loss-buffer bytes of a training step, per GPU and micro-batch.
+
+Per block and token, the bytes that autograd saves for backward in the HF implementations (transformers 5),
+counted tensor by tensor and checked against MemTracker (tests/test_planner.py). Korthikanti et al.'s
+sbh(34 + 5as/h) counts the same thing for Megatron's GPT; HF's blocks differ:
+  Llama, fp32, SDPA: each RMSNorm keeps its input, its normalised value and its output (3 x 4h, twice), RoPE'd q
+  and k, v and the attention output (8q + 8kv), the SwiGLU MLP four I-sized tensors (16 I), SDPA's logsumexp (4 nh).
+  Autocast (bf16/fp16 mixed): the residual stream stays fp32 (norms keep 4h + 4h), projections keep a 16-bit cast
+  of their input per call, and autocast caches a 16-bit copy of every fp32 weight until backward (2 B/param).
+  LoRA: frozen norm weights keep no normalised copy; PEFT adds r-sized A outputs.
+Eager attention adds the softmax (nh x s per token, fp32, plus a 16-bit copy in 16-bit modes).
+The loss: logits (compute dtype), log-softmax output and two fp32 gradients of V per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+from ft_dist.planner.params import Architecture
+from ft_dist.planner.workload import TrainingSetup
+
+# Bytes per token per block: coefficients of (h, q_dim, kv_dim, intermediate), keyed by (family, mode, lora).
+# mode: fp32 | mixed (autocast over fp32 weights, or over a bf16 LoRA base) | pure (bf16 weights, no autocast).
+_BLOCK_COEFFS = {
+    ("llama", "fp32", False): (24, 8, 8, 16),
+    ("llama", "fp32", True): (16, 8, 8, 16),
+    ("llama", "mixed", False): (26, 4, 4, 8),
+    ("llama", "mixed", True): (20, 4, 4, 8),
+    ("llama", "pure", False): (16, 4, 4, 8),
+    ("llama", "pure", True): (20, 4, 4, 8),
+    ("gpt_neox", "fp32", False): (24, 8, 8, 8),
+    ("gpt_neox", "fp32", True): (16, 8, 8, 8),
+    ("gpt_neox", "mixed", False): (26, 4, 4, 4),
+    ("gpt_neox", "mixed", True): (20, 4, 4, 4),
+    ("gpt_neox", "pure", False): (16, 4, 4, 4),
+    ("gpt_neox", "pure", True): (20, 4, 4, 4),
+}
+# The final norm keeps what one block norm keeps (its output only if the head is trained): bytes per h.
+_FINAL_NORM = {("fp32", False): 12, ("fp32", True): 4, ("mixed", False): 10, ("mixed", True): 4,
+               ("pure", False): 8, ("pure", True): 4}
+
+
+@dataclass(frozen=True)
+class ActivationPhases:
+    """Activation bytes at the three moments `memory.estimate_memory` compares."""
+
+    saved: float
+    """At the end of forward: every block's saved tensors (or checkpoints) and the autocast weight cache."""
+    logits: float
+    """Logits and loss buffers at the start of backward."""
+    backward_end: float
+    """While the first block runs backward: its activations (recomputed under checkpointing)."""
+
+
+def _mode(setup: TrainingSetup) -> str:
+    """Autocast ("mixed") only in torch-native single/DDP runs: DeepSpeed and FSDP2's MixedPrecisionPolicy run the
+    blocks on 16-bit weights directly, which saves what pure bf16 saves."""
+    if setup.precision == "fp32":
+        return "fp32"
+    if setup.precision == "pure_bf16" or setup.deepspeed or setup.strategy == "fsdp":
+        return "pure"
+    return "mixed"
+
+
+def _family(arch: Architecture) -> str:
+    return "llama" if arch.family == "llama" else "gpt_neox"  # GPT-2's block is laid out like GPT-NeoX's
+
+
+def block_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
+    """Bytes that one block saves for backward per token (excluding the autocast weight cache)."""
+    lora = setup.peft != "none"
+    mode = _mode(setup)
+    ch, cq, ckv, ci = _BLOCK_COEFFS[(_family(arch), mode, lora)]
+    out = ch * arch.hidden + cq * arch.q_dim + ckv * arch.kv_dim + ci * arch.intermediate
+    if lora:
+        targeted = arch.lora_params(1, list(setup.lora_targets)) // arch.layers  # sum of (fan_in + fan_out)
+        out += (4 if mode == "fp32" else 2) * setup.lora_rank * len(arch.block_linears) * (targeted > 0)
+    if setup.attention == "eager":
+        scores = arch.heads * setup.seq_len
+        out += scores * (4 if mode == "fp32" else 6)
+        out += 2 * (arch.q_dim - arch.kv_dim) * setup.compute_bytes  # repeat_kv copies for GQA/MQA
+    else:
+        out += 4 * arch.heads  # the logsumexp SDPA/flash keep
+    return out
+
+
+def _weight_cache_per_block(arch: Architecture, setup: TrainingSetup) -> float:
+    """Autocast's 16-bit copies of fp32 weights, kept from their first use in forward until backward."""
+    if _mode(setup) != "mixed":
+        return 0.0
+    if setup.peft == "none":
+        return 2.0 * arch.block_params
+    return 2.0 * arch.lora_params(setup.lora_rank, list(setup.lora_targets)) / arch.layers
+
+
+def activation_phases(arch: Architecture, setup: TrainingSetup) -> ActivationPhases:
+    """Activation bytes per GPU for one micro-batch at forward end and backward end."""
+    t = setup.tokens_per_micro_batch
+    mode, lora = _mode(setup), setup.peft != "none"
+    block = block_bytes_per_token(arch, setup) * t
+    cache = _weight_cache_per_block(arch, setup)
+    final_norm = _FINAL_NORM[(mode, lora)] * arch.hidden * t
+    rotary = 2 * arch.head_dim * t * (4 if mode != "pure" else 2) if arch.family != "gpt2" else 0
+    residual_bytes = 4 if (mode == "fp32" or (mode == "mixed" and not lora)) else 2
+    if setup.activation_checkpointing:
+        # Only each block's input survives forward; backward recomputes one block at a time.
+        saved = arch.layers * (residual_bytes * arch.hidden * t + cache)
+        backward_end = block + cache + residual_bytes * arch.hidden * t
+    else:
+        saved = arch.layers * (block + cache)
+        backward_end = block + cache
+    # Backward of a block also holds the incoming gradient and the MLP's intermediate gradients.
+    backward_end += t * (2 * arch.intermediate + 2 * arch.hidden) * setup.compute_bytes
+    saved += final_norm + rotary
+    logits = t * arch.vocab * (12 + setup.compute_bytes)
+    if setup.attention == "eager":
+        saved += setup.micro_batch * setup.seq_len ** 2 * setup.compute_bytes  # the 4-D causal mask
+    return ActivationPhases(saved=saved, logits=logits, backward_end=backward_end)
+
+
+def coefficients(arch: Architecture, setup: TrainingSetup) -> Tuple[float, float]:
+    """(bytes per token per block, autocast weight-cache bytes per block): for reports."""
+    return block_bytes_per_token(arch, setup), _weight_cache_per_block(arch, setup)

@@ -1,0 +1,226 @@
+"""Per-GPU memory of a training step, by component, from the architecture and the setup (analytic mode).
+
+The peak is the largest of three moments of a steady-state step (the second one: optimizer states exist and
+zero_grad freed the gradients), as MemTracker sees them on real tensors:
+  forward end / backward start: saved activations + the logits/loss buffers (+ gradients kept for accumulation);
+  backward end: every gradient + the activations of the first block, still being used;
+  optimizer step: every gradient + the optimizer's temporaries.
+Model states (parameters, gradients, optimizer states) add to each, divided by the world size where the strategy
+shards them. On a GPU, communication buckets, the CUDA context and allocator fragmentation come on top.
+
+Model-state bytes for DeepSpeed follow its own accounting (stage_1_and_2.py / stage3.py estimators): 16-bit
+parameters, an fp32 gradient partition, fp32 master weights and Adam moments; tests check equality with
+`estimate_zero{2,3}_model_states_mem_needs_all_cold`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, Tuple
+
+from ft_dist.planner.activations import activation_phases
+from ft_dist.planner.params import NF4_BYTES_PER_PARAM, Architecture
+from ft_dist.planner.workload import TrainingSetup
+
+GIB = 2**30
+
+# DeepSpeed's defaults (deepspeed/runtime/zero/config.py): bucket sizes in elements of the 16-bit dtype.
+DS_REDUCE_BUCKET = 5e8
+DS_ALLGATHER_BUCKET = 5e8
+DS_PREFETCH_BUCKET = 5e7
+# DeepSpeed's estimators multiply host RAM by this (additional_buffer_factor) for pinned buffers and copies.
+HOST_BUFFER_FACTOR = 1.5
+
+
+@dataclass(frozen=True)
+class GpuOverhead:
+    """GPU-only memory that no tensor accounts for."""
+
+    cuda_context_bytes: float = 1.0 * GIB
+    """CUDA context + cuBLAS/NCCL workspaces; vram.asmirnov.xyz quotes 300 MiB-2 GiB, gpu_poor uses 650 MB."""
+    fragmentation: float = 0.10
+    """Caching-allocator reserve above the tensor peak (reserved vs allocated); environment.md saw 7-19 % on CPU."""
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes per GPU at the peak, by component, and host RAM per node."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    logits: int
+    comm_buffers: int
+    overhead: int
+    host_ram: int
+    peak_phase: str
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + self.logits + self.comm_buffers \
+            + self.overhead
+
+    def per_gpu(self) -> Dict[str, int]:
+        out = {k: v for k, v in asdict(self).items() if k not in ("host_ram", "peak_phase")}
+        out["total"] = self.total
+        return out
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Per-GPU bytes of parameters, gradients and optimizer states (steady state, gradients all present)."""
+
+    params: float
+    grads: float
+    optimizer: float
+    host_ram: float
+
+
+def trainable_params(arch: Architecture, setup: TrainingSetup) -> int:
+    if setup.peft == "none":
+        return arch.total_params
+    return arch.lora_params(setup.lora_rank, list(setup.lora_targets))
+
+
+def _frozen_weight_bytes(arch: Architecture, setup: TrainingSetup) -> float:
+    """Frozen base weights (LoRA/QLoRA): stored in the compute dtype; QLoRA's block projections in NF4."""
+    frozen = arch.total_params if setup.peft != "none" else 0
+    if setup.peft == "qlora":
+        quantized = arch.linear_params_in_blocks
+        return quantized * NF4_BYTES_PER_PARAM + (frozen - quantized) * 2
+    return frozen * (4 if setup.precision == "fp32" else 2)
+
+
+def _optimizer_state_bytes(setup: TrainingSetup, weight_bytes: int) -> float:
+    """Bytes of optimizer state per trainable parameter (torch keeps states in the parameter's dtype)."""
+    if setup.optimizer == "adamw":
+        return 2 * weight_bytes
+    if setup.optimizer == "adamw_8bit":
+        return 2 * (1 + 4 / 2048)  # bitsandbytes: two uint8 moments + an fp32 absmax per 2048-element block
+    return weight_bytes  # SGD momentum buffer
+
+
+def model_states(arch: Architecture, setup: TrainingSetup) -> ModelStates:
+    """Parameters, gradients and optimizer states per GPU, and host RAM per node, for `setup.strategy`."""
+    if setup.deepspeed:
+        return _deepspeed_states(arch, setup)
+    n = setup.world_size if setup.strategy == "fsdp" else 1
+    trainable = trainable_params(arch, setup)
+    # Torch-native: trainable weights stay fp32 under autocast; pure bf16 stores them in bf16. PEFT keeps LoRA
+    # adapters in fp32 whatever the base dtype (autocast_adapter_dtype=True).
+    w = 2 if setup.precision == "pure_bf16" and setup.peft == "none" else 4
+    params = trainable * w + _frozen_weight_bytes(arch, setup)
+    grads = trainable * w
+    optimizer = trainable * _optimizer_state_bytes(setup, w)
+    # Host RAM: every local rank materialises the model once while loading (FSDP too, before sharding).
+    host = arch.total_params * (2 if w == 2 or setup.peft != "none" else 4) * setup.gpus_per_node
+    return ModelStates(params / n, grads / n, optimizer / n, host * HOST_BUFFER_FACTOR)
+
+
+def _deepspeed_states(arch: Architecture, setup: TrainingSetup) -> ModelStates:
+    """DeepSpeed ZeRO-1/2/3 (+ offload) bytes, itemised the way its estimators count them."""
+    p, n, local = arch.total_params, setup.world_size, setup.gpus_per_node
+    trainable = trainable_params(arch, setup)
+    stage, offload = setup.zero_stage, setup.offload
+    w = 4 if setup.precision == "fp32" else 2  # ZeRO keeps a 16-bit model copy and fp32 master weights
+    master = 0 if w == 4 else 4
+    opt_state = _optimizer_state_bytes(setup, 4)
+    frozen = _frozen_weight_bytes(arch, setup)
+    largest = arch.largest_layer_params
+    if stage == 3:
+        # The gathered 16-bit parameters and gradients of the largest module ("largest_layer_memory" = 4 x params).
+        gathered = 2 * largest
+        params = gathered + (0 if offload else (trainable * w + frozen) / n)
+        # ZeRO-3 accumulates gradients straight into the fp32 partition (DeepSpeed counts no 16-bit partition).
+        grads = gathered + (0 if offload else trainable * (4 if master else w) / n)
+        optimizer = 0 if offload else trainable * (master + opt_state) / n
+        if offload:  # offload_param + offload_optimizer, zero.Init: 16-bit params, fp32 grads, master, moments
+            host = (trainable * (w + 4 + master + opt_state) + frozen) / setup.nodes
+        else:        # zero.Init: each rank materialises one module at a time
+            host = largest * 4 * local
+    else:
+        params = trainable * w + frozen  # the full 16-bit model on every GPU
+        grad_16 = trainable * w / (n if stage == 2 else 1)
+        grads = 0 if offload else grad_16 + trainable * (4 if master else 0) / n
+        optimizer = 0 if offload else trainable * (master + opt_state) / n
+        if offload:  # fp32 grads + master + moments of this node's ranks, or the fp32 load, whichever is larger
+            host = max(p * 4 * local, trainable * (4 + master + opt_state) / setup.nodes)
+        else:
+            host = p * 4 * local
+    return ModelStates(params, grads, optimizer, host * HOST_BUFFER_FACTOR)
+
+
+def comm_buffer_bytes(arch: Architecture, setup: TrainingSetup) -> float:
+    """Communication buffers beyond the model states (zero on one device)."""
+    if setup.world_size == 1 and setup.strategy in ("single", "ddp", "fsdp"):
+        return 0.0
+    trainable = trainable_params(arch, setup)
+    c = setup.compute_bytes
+    if setup.strategy == "ddp":
+        # DDP's gradient buckets hold a second copy of the gradients unless gradient_as_bucket_view=True.
+        return trainable * (2 if setup.precision == "pure_bf16" else 4)
+    if setup.strategy == "fsdp":
+        # FSDP2 all-gathers the next block while computing this one, and reduce-scatters its gradients.
+        block = arch.block_params
+        return 2 * block * c + block * 4
+    cap = arch.total_params
+    if setup.zero_stage == 3:
+        return (min(DS_PREFETCH_BUCKET, cap) + min(DS_REDUCE_BUCKET, cap)) * c
+    return (min(DS_REDUCE_BUCKET, trainable) + min(DS_ALLGATHER_BUCKET, cap)) * c
+
+
+def _optimizer_temp_bytes(arch: Architecture, setup: TrainingSetup, states: ModelStates) -> float:
+    """Scratch of one optimizer step. GPU: torch's foreach AdamW materialises sqrt(v) for the whole group;
+    CPU: the single-tensor path needs it for the largest tensor only. Offloaded optimizers run on the host."""
+    if setup.optimizer == "sgd" or setup.offload:
+        return 0.0
+    if setup.device == "cuda":
+        return states.grads if not setup.deepspeed else 0.0  # DeepSpeed's FusedAdam works in place
+    if setup.peft != "none":
+        return 0.0
+    return arch.vocab * arch.hidden * 4
+
+
+def estimate_memory(arch: Architecture, setup: TrainingSetup,
+                    overhead: GpuOverhead = GpuOverhead()) -> MemoryBreakdown:
+    """Peak bytes per GPU for one training step of `setup`, by component."""
+    states = model_states(arch, setup)
+    phases = activation_phases(arch, setup)
+    grads_in_forward = states.grads if setup.grad_accum > 1 else 0.0
+    candidates: Tuple[Tuple[str, float, float, float, float], ...] = (
+        # name, grads live, activations, logits/loss buffers, optimizer temporaries
+        ("forward end", grads_in_forward, phases.saved, phases.logits, 0.0),
+        ("backward end", states.grads, phases.backward_end, 0.0, 0.0),
+        ("optimizer step", states.grads, 0.0, 0.0, _optimizer_temp_bytes(arch, setup, states)),
+    )
+    name, grads, acts, logits, temp = max(candidates, key=lambda c: c[1] + c[2] + c[3] + c[4])
+    comm = comm_buffer_bytes(arch, setup) if setup.device == "cuda" else 0.0
+    tensors = states.params + grads + states.optimizer + temp + acts + logits + comm
+    extra = overhead.cuda_context_bytes + overhead.fragmentation * tensors if setup.device == "cuda" else 0.0
+    return MemoryBreakdown(
+        params=int(states.params), grads=int(grads), optimizer=int(states.optimizer + temp),
+        activations=int(acts), logits=int(logits), comm_buffers=int(comm), overhead=int(extra),
+        host_ram=int(states.host_ram), peak_phase=name,
+    )
+
+
+@dataclass(frozen=True)
+class InferenceMemory:
+    weights: int
+    kv_cache: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.overhead
+
+
+def estimate_inference(arch: Architecture, batch: int, tokens: int, weight_bytes: float = 2,
+                       overhead: GpuOverhead = GpuOverhead()) -> InferenceMemory:
+    """Weights + KV cache (K and V per layer per token, in 16 bit) for `batch` sequences of `tokens` tokens."""
+    weights = arch.total_params * weight_bytes
+    kv = 2 * arch.layers * arch.kv_dim * batch * tokens * 2
+    logits = batch * arch.vocab * 4  # the last position's logits in fp32
+    extra = overhead.cuda_context_bytes + overhead.fragmentation * (weights + kv)
+    return InferenceMemory(int(weights), int(kv), int(extra + logits))

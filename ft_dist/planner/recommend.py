@@ -1,0 +1,193 @@
+"""Enumerate instance x nodes x strategy x micro-batch x checkpointing, keep what fits, rank by cost and time.
+
+For every (instance, nodes, strategy) the fastest fitting (micro-batch, checkpointing) pair is kept; when nothing
+fits, the smallest-memory option is kept with the reason. Gradient accumulation makes up the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from ft_dist.planner.catalog import Catalog, Instance
+from ft_dist.planner.memory import GIB, GpuOverhead, MemoryBreakdown, estimate_memory
+from ft_dist.planner.params import Architecture
+from ft_dist.planner.throughput import step_time
+from ft_dist.planner.workload import STRATEGIES, TrainingSetup
+
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
+NODE_COUNTS = (1, 2, 4, 8)
+
+
+@dataclass
+class Candidate:
+    """One (instance, nodes, strategy) option with its best micro-batch, or the reason none fits."""
+
+    instance: str
+    nodes: int
+    gpus_per_node: int
+    strategy: str
+    micro_batch: int
+    grad_accum: int
+    activation_checkpointing: bool
+    fits: bool
+    memory: Optional[MemoryBreakdown]
+    usable_bytes: float
+    tokens_per_second: float = 0.0
+    hours: float = math.inf
+    cost_usd: float = math.inf
+    reason: str = ""
+
+    def as_dict(self) -> Dict[str, object]:
+        finite = (lambda x: round(x, 4) if math.isfinite(x) else None)
+        return {
+            "instance": self.instance, "nodes": self.nodes, "gpus_per_node": self.gpus_per_node,
+            "strategy": self.strategy, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
+            "activation_checkpointing": self.activation_checkpointing, "fits": self.fits,
+            "per_gpu_bytes": self.memory.per_gpu() if self.memory else None,
+            "host_ram_bytes": self.memory.host_ram if self.memory else None,
+            "usable_bytes_per_gpu": int(self.usable_bytes),
+            "tokens_per_second": finite(self.tokens_per_second), "hours": finite(self.hours),
+            "cost_usd": finite(self.cost_usd), "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What to enumerate; None in a field means "search over it"."""
+
+    instances: Sequence[str]
+    nodes: Optional[int] = None
+    strategy: Optional[str] = None
+    micro_batch: Optional[int] = None
+    activation_checkpointing: Optional[bool] = None
+    global_batch: int = 64
+    headroom: float = 0.10
+    deadline_hours: Optional[float] = None
+    budget_usd: Optional[float] = None
+
+
+def _strategies(space: SearchSpace, world: int) -> List[str]:
+    if space.strategy:
+        return [space.strategy]
+    return [s for s in STRATEGIES if (s == "single") == (world == 1)]
+
+
+def _structural_reason(base: TrainingSetup, inst: Instance, strategy: str, world: int) -> str:
+    if base.precision not in inst.precisions:
+        return f"{inst.gpu} has no {base.precision} support"
+    if strategy == "single" and world > 1:
+        return "single needs one GPU"
+    if strategy.endswith("_offload") and base.optimizer == "adamw_8bit":
+        return "offload runs DeepSpeed's CPU Adam, not 8-bit Adam"
+    if base.peft == "qlora" and strategy.startswith("zero3"):
+        return "QLoRA's 4-bit weights cannot be ZeRO-3 partitioned"
+    return ""
+
+
+def evaluate(arch: Architecture, base: TrainingSetup, inst: Instance, nodes: int, strategy: str,
+             space: SearchSpace, catalog: Catalog, total_tokens: float, overhead: GpuOverhead) -> Candidate:
+    """Best fitting micro-batch x checkpointing for one (instance, nodes, strategy)."""
+    world = nodes * inst.gpus
+    usable = inst.gpu_memory_gb * GIB * (1 - space.headroom)
+    host_limit = inst.host_ram_gb * 1e9 * (1 - space.headroom)
+    empty = Candidate(inst.name, nodes, inst.gpus, strategy, 0, 0, False, False, None, usable)
+    reason = _structural_reason(base, inst, strategy, world)
+    if reason:
+        empty.reason = reason
+        return empty
+    best: Optional[Candidate] = None
+    smallest: Optional[Candidate] = None
+    mbs = [space.micro_batch] if space.micro_batch else MICRO_BATCHES
+    acs = [space.activation_checkpointing] if space.activation_checkpointing is not None else [False, True]
+    for ac in acs:
+        for mb in mbs:
+            accum = max(1, math.ceil(space.global_batch / (mb * world)))
+            setup = base.but(strategy=strategy, nodes=nodes, gpus_per_node=inst.gpus, micro_batch=mb,
+                             grad_accum=accum, activation_checkpointing=ac, device="cuda")
+            mem = estimate_memory(arch, setup, overhead)
+            cand = Candidate(inst.name, nodes, inst.gpus, strategy, mb, accum, ac, False, mem, usable)
+            if smallest is None or mem.total < smallest.memory.total:
+                smallest = cand
+            if mem.total > usable or mem.host_ram > host_limit:
+                continue
+            timing = step_time(arch, setup, inst, catalog.mfu)
+            cand.fits = True
+            cand.tokens_per_second = timing.tokens_per_second
+            cand.hours = total_tokens / timing.tokens_per_second / 3600
+            cand.cost_usd = cand.hours * inst.usd_per_hour * nodes
+            if best is None or cand.tokens_per_second > best.tokens_per_second:
+                best = cand
+    if best is None:
+        assert smallest is not None and smallest.memory is not None
+        m = smallest.memory
+        if m.total > usable:
+            smallest.reason = (f"needs {m.total / GIB:.1f} GiB per GPU at micro-batch {smallest.micro_batch}"
+                               f"{' with checkpointing' if smallest.activation_checkpointing else ''}"
+                               f" > {usable / GIB:.1f} GiB usable")
+        else:
+            smallest.reason = f"needs {m.host_ram / 1e9:.0f} GB host RAM per node > {host_limit / 1e9:.0f} GB"
+        return smallest
+    if space.deadline_hours is not None and best.hours > space.deadline_hours:
+        best.fits, best.reason = False, f"takes {best.hours:.1f} h > deadline {space.deadline_hours} h"
+    elif space.budget_usd is not None and best.cost_usd > space.budget_usd:
+        best.fits, best.reason = False, f"costs ${best.cost_usd:,.0f} > budget ${space.budget_usd:,.0f}"
+    return best
+
+
+def recommend(arch: Architecture, base: TrainingSetup, catalog: Catalog, space: SearchSpace,
+              total_tokens: float, overhead: GpuOverhead = GpuOverhead()) -> List[Candidate]:
+    """Every (instance, nodes, strategy) option, fitting ones first, cheapest first."""
+    out: List[Candidate] = []
+    for name in space.instances:
+        inst = catalog.instances[name]
+        node_counts = [space.nodes] if space.nodes else (NODE_COUNTS if inst.gpus > 1 else (1,))
+        for nodes in node_counts:
+            for strategy in _strategies(space, nodes * inst.gpus):
+                out.append(evaluate(arch, base, inst, nodes, strategy, space, catalog, total_tokens, overhead))
+    out.sort(key=lambda c: (not c.fits, c.cost_usd, c.hours))
+    return out
+
+
+@dataclass(frozen=True)
+class NaiveRow:
+    """The single-GPU rule of thumb: 2 B/param for inference (with headroom), 16 B/param for mixed-precision Adam."""
+
+    instance: str
+    gpus: int
+    gpu: str
+    gpu_memory_gb: float
+    max_inference_params: float
+    max_training_params: float
+    zero3_node_training_params: float = 0.0
+    lora_training_params: float = 0.0
+    offload_training_params: float = 0.0
+    extra: Dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> Dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if k != "extra"}
+
+
+INFERENCE_OVERHEAD = 1.20
+"""accelerate's model-size estimator docs: add up to 20 % for inference (citing EleutherAI)."""
+
+
+def naive_table(catalog: Catalog) -> List[NaiveRow]:
+    """The course table, from the rule of thumb, with what ZeRO-3, LoRA and offload change beside it.
+
+    The rule: one GPU, no sharding, memory in decimal GB. Inference 2 B/param x 1.2; training 16 B/param
+    (2 fp16 weights + 2 fp16 grads + 12 fp32 master and Adam moments). ZeRO-3 across the node divides the 16 B
+    by the GPUs; LoRA keeps 2 B/param of frozen 16-bit weights (adapters ~1 %); ZeRO-3 offload keeps only the
+    16-bit weights of the node on its GPUs (2 B/param / GPUs), the rest in host RAM (18 B/param, DeepSpeed).
+    """
+    rows = []
+    for inst in catalog.instances.values():
+        mem = inst.gpu_memory_gb * 1e9
+        rows.append(NaiveRow(
+            instance=inst.name, gpus=inst.gpus, gpu=inst.gpu, gpu_memory_gb=inst.gpu_memory_gb,
+            max_inference_params=mem / (2 * INFERENCE_OVERHEAD), max_training_params=mem / 16,
+            zero3_node_training_params=mem * inst.gpus / 16, lora_training_params=mem / 2,
+            offload_training_params=min(mem * inst.gpus / 2, inst.host_ram_gb * 1e9 / 18),
+        ))
+    return rows

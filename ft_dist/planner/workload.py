@@ -1,0 +1,72 @@
+"""What is being run: the training (or inference) setup the memory and time models take as input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Tuple
+
+PRECISIONS = ("fp32", "fp16", "bf16", "pure_bf16")
+"""fp16 / bf16: mixed precision (fp32 master weights); pure_bf16: weights, grads and optimizer states in bf16."""
+OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
+STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+PEFT_METHODS = ("none", "lora", "qlora")
+ATTENTION = ("sdpa", "flash_attention_2", "eager")
+
+DEEPSPEED = ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """One training configuration on one group of identical GPUs."""
+
+    peft: str = "none"
+    lora_rank: int = 16
+    lora_targets: Tuple[str, ...] = ("all-linear",)
+    precision: str = "bf16"
+    optimizer: str = "adamw"
+    strategy: str = "single"
+    nodes: int = 1
+    gpus_per_node: int = 1
+    micro_batch: int = 1
+    seq_len: int = 2048
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    attention: str = "sdpa"
+    device: str = "cuda"
+    """cuda: add the GPU-only terms (CUDA context, allocator, NCCL); cpu: tensor bytes only (checks vs MemTracker)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.strategy in DEEPSPEED
+
+    @property
+    def zero_stage(self) -> int:
+        """0 for torch-native strategies; FSDP2 full sharding behaves as stage 3."""
+        if self.strategy == "fsdp":
+            return 3
+        return int(self.strategy[4]) if self.deepspeed else 0
+
+    @property
+    def offload(self) -> bool:
+        return self.strategy.endswith("_offload")
+
+    @property
+    def mixed(self) -> bool:
+        return self.precision in ("fp16", "bf16")
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes of one activation element: 4 in fp32, 2 in any 16-bit mode."""
+        return 4 if self.precision == "fp32" else 2
+
+    @property
+    def tokens_per_micro_batch(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    def but(self, **changes) -> "TrainingSetup":
+        """A copy with some fields changed."""
+        return replace(self, **changes)

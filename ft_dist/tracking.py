@@ -1,0 +1,100 @@
+"""Run output that people and tools read: progress bar, metrics.jsonl, and W&B, all from global rank 0 only.
+
+W&B is optional and never stops training: without WANDB_API_KEY it runs offline (files under the run dir,
+`wandb sync` later), and any failure to start or log it becomes one warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from ft_dist import dist
+
+SECRET_MARKERS = ("api_key", "apikey", "token", "secret", "password")
+
+
+def scrub_secrets(obj: Any) -> Any:
+    """A copy of a config container with values of secret-looking keys replaced, for anything written or logged."""
+    if isinstance(obj, dict):
+        return {k: ("***" if any(m in str(k).lower() for m in SECRET_MARKERS) and v else scrub_secrets(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [scrub_secrets(v) for v in obj]
+    return obj
+
+
+class Tracker:
+    """Logs metrics to metrics.jsonl (+ W&B) and drives the progress bar, on rank 0; a no-op elsewhere."""
+
+    def __init__(self, output_dir: Path, logger_cfg: Any, config: Dict[str, Any]):
+        self.active = dist.is_main()
+        self.bar = None
+        self.wandb_run = None
+        self.start = time.time()
+        if not self.active:
+            return
+        self.metrics_file = (output_dir / "metrics.jsonl").open("a", buffering=1)
+        if logger_cfg.name == "wandb":
+            self.wandb_run = _start_wandb(output_dir, logger_cfg, config)
+
+    def start_progress(self, total: int, initial: int = 0) -> None:
+        if not self.active:
+            return
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                        disable=os.environ.get("FT_DIST_NO_PROGRESS") == "1")
+
+    def log(self, step: int, metrics: Dict[str, Any]) -> None:
+        if not self.active:
+            return
+        record = {"step": step, "time": round(time.time() - self.start, 3), **metrics}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.log(metrics, step=step)
+            except Exception as err:  # W&B must never stop training
+                dist.log(f"warning: W&B logging failed, continuing without it: {err}")
+                self.wandb_run = None
+
+    def advance(self, n: int, postfix: Dict[str, str]) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def summary(self, values: Dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.summary.update(values)
+            except Exception as err:
+                dist.log(f"warning: W&B summary failed: {err}")
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics_file.close()
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+            except Exception as err:
+                dist.log(f"warning: W&B finish failed: {err}")
+
+
+def _start_wandb(output_dir: Path, logger_cfg: Any, config: Dict[str, Any]) -> Optional[Any]:
+    mode = logger_cfg.mode
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    try:
+        import wandb
+
+        return wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, group=logger_cfg.group,
+                          tags=list(logger_cfg.tags) or None, config=scrub_secrets(config), dir=str(output_dir),
+                          mode=mode, settings=wandb.Settings(init_timeout=60, console="off"))
+    except Exception as err:
+        dist.log(f"warning: W&B did not start ({err}); training continues without it")
+        return None

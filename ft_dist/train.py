@@ -1,0 +1,120 @@
+"""`ft-train`: config -> data -> model -> strategy -> loop -> final model and before/after report.
+
+This is the one place that wires the layers together; each step below is a call into its own module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ft_dist import dist
+from ft_dist.checkpoint import atomic_write_text, config_yaml, save_final_model
+from ft_dist.data.prepare import prepare_dataset
+from ft_dist.eval.generation import task_metrics
+from ft_dist.loop import train_loop
+from ft_dist.models import apply_peft, build_model, count_parameters, load_tokenizer
+from ft_dist.optim import build_optimizer
+from ft_dist.strategies import build_strategy
+from ft_dist.tracking import Tracker, scrub_secrets
+
+
+def resolve_output_dir(cfg: DictConfig) -> Path:
+    """The run dir: rank 0's choice on every rank (the default name embeds a timestamp each rank computes)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out = cfg.output_dir
+    try:
+        hc = HydraConfig.get()
+        if hc.mode is not None and hc.mode.name == "MULTIRUN":
+            out = hc.runtime.output_dir
+    except ValueError:  # not under Hydra (tests call run() directly)
+        pass
+    return Path(dist.broadcast_object(str(out))).resolve()
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def format_comparison(before: Optional[Dict[str, Any]], after: Dict[str, Any]) -> str:
+    """A small before/after table of the task metrics and eval loss."""
+    keys = [k for k in after if isinstance(after[k], float)]
+    lines = [f"{'metric':<20}{'before':>12}{'after':>12}{'delta':>12}"]
+    for k in keys:
+        b = before.get(k) if before else None
+        delta = f"{after[k] - b:+12.4f}" if isinstance(b, float) else f"{'':>12}"
+        shown = f"{b:12.4f}" if isinstance(b, float) else f"{'-':>12}"
+        lines.append(f"{k:<20}{shown}{after[k]:12.4f}{delta}")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> int:
+    world = dist.init(cfg.device, cfg.strategy.backend)
+    try:
+        return _train(cfg, world)
+    finally:
+        dist.close()
+
+
+def _train(cfg: DictConfig, world: dist.World) -> int:
+    out_dir = resolve_output_dir(cfg)
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", config_yaml(cfg))
+    dist.log(f"run dir: {out_dir}")
+
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_dataset(cfg.data, tokenizer)
+    dist.log(f"data: {data.stats['records']} records -> {data.stats['train']} train / {data.stats['test']} test, "
+             f"{data.stats['truncated']} truncated, {data.stats['dropped']} dropped (cache {data.cache_path.name})")
+
+    strategy = build_strategy(cfg, world)
+
+    def make_model() -> torch.nn.Module:
+        seed_everything(cfg.train.seed)  # same random init on every rank and in every run
+        return apply_peft(build_model(cfg.model, tokenizer), cfg.peft)
+
+    strategy.setup(make_model, lambda params: build_optimizer(params, cfg.train))
+    counts = count_parameters(strategy.unwrapped())
+    dist.log(f"model: {cfg.model.name}, {counts['total']:,} parameters, {counts['trainable']:,} trainable "
+             f"({cfg.peft.method}), strategy {cfg.strategy.name}, precision {cfg.train.precision}, device {world.device}")
+
+    container = scrub_secrets(OmegaConf.to_container(cfg, resolve=True))
+    tracker = Tracker(out_dir, cfg.logger, container)
+    report: Dict[str, Any] = {"parameters": counts}
+    if cfg.eval.before_training:
+        before = task_metrics(strategy.unwrapped(), tokenizer, data.test, cfg.eval, world.device)
+        report["before"] = before["scores"]
+        dist.log(f"before finetuning: {json.dumps(before['scores'])}")
+
+    seed_everything(cfg.train.seed)
+    result = train_loop(cfg, strategy, data, tracker, tokenizer.pad_token_id)
+    after = task_metrics(strategy.unwrapped(), tokenizer, data.test, cfg.eval, world.device)
+    after_scores = {**after["scores"], **{k: v for k, v in result.eval_history[-1].items() if k != "step"}}
+    report.update(after=after_scores, train_seconds=result.seconds, tokens=result.tokens, steps=result.steps,
+                  final_train_loss=result.train_losses[-1], eval_history=result.eval_history)
+
+    final = out_dir / "final"
+    if world.is_main:
+        save_final_model(strategy.unwrapped(), tokenizer, cfg, final)
+        atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2))
+        with (out_dir / "samples.jsonl").open("w") as fh:
+            for s in after["samples"]:
+                fh.write(json.dumps(s) + "\n")
+        tracker.summary({f"final/{k}": v for k, v in after_scores.items() if isinstance(v, float)})
+    tracker.close()
+    dist.log("\n" + format_comparison(report.get("before"), after_scores))
+    dist.log(f"\nfinetuned model: {final}\nmetrics: {out_dir / 'metrics.jsonl'}")
+    return 0
