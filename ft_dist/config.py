@@ -8,13 +8,14 @@ must fail in well under a second, before any model or data is touched.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from ft_dist.data.schema import DataConfig, validate_data
+from ft_dist.eval.schema import EvalConfig
 from ft_dist.errors import ConfigError
 
 
@@ -38,32 +39,6 @@ class ModelConfig:
     """sdpa | eager | flash_attention_2."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more compute."""
-
-
-@dataclass
-class DataConfig:
-    """Where the instruction-response pairs come from and how they become token sequences."""
-
-    name: str = MISSING
-    path: str = MISSING
-    """A JSONL/JSON/CSV/Parquet file, or `hf:<dataset id>` for a hub dataset."""
-    hf_split: str = "train"
-    hf_revision: Optional[str] = None
-    prompt_field: str = "question"
-    response_field: str = "answer"
-    context_field: Optional[str] = None
-    """Optional extra input appended to the prompt (Alpaca's `input`)."""
-    template: str = "qa"
-    """Prompt template name, see ft_dist/data/templates.py."""
-    max_seq_len: int = 512
-    overlong: str = "truncate"
-    """truncate | drop: what to do with examples longer than max_seq_len."""
-    test_size: float = 0.1
-    """Share (0 < x < 1) or count (x >= 1) of examples held out for evaluation."""
-    split_seed: int = 42
-    limit: Optional[int] = None
-    """Use only the first N examples (smoke runs)."""
-    cache_dir: str = "~/.cache/ft-dist/data"
 
 
 @dataclass
@@ -148,18 +123,6 @@ class LoggerConfig:
 
 
 @dataclass
-class EvalConfig:
-    """Task evaluation by generation on the test split."""
-
-    max_new_tokens: int = 64
-    batch_size: int = 32
-    max_examples: int = 0
-    """Evaluate on at most N test examples (0: all)."""
-    before_training: bool = True
-    """Measure the task metric on the base model first, for a before/after table."""
-
-
-@dataclass
 class RunConfig:
     """A training run (`ft-train`)."""
 
@@ -176,38 +139,19 @@ class RunConfig:
     """auto | cpu | cuda."""
 
 
-@dataclass
-class EvalRunConfig(RunConfig):
-    """`ft-eval`: score a model (base, or a finetuned `checkpoint`) on the test split."""
-
-    checkpoint: Optional[str] = None
-    """A finetuned model directory (a run's final/); None evaluates the base model."""
-    compare_base: bool = True
-    """With a checkpoint, also evaluate the base model and print before/after."""
-
-
-@dataclass
-class GenerateRunConfig(RunConfig):
-    """`ft-generate`: answer prompts with a model through the data config's template."""
-
-    checkpoint: Optional[str] = None
-    prompt: Optional[str] = None
-    """One prompt; None reads prompts from stdin, one per line."""
-
-
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=RunConfig)
-    cs.store(name="eval_schema", node=EvalRunConfig)
-    cs.store(name="generate_schema", node=GenerateRunConfig)
-    from ft_dist.planner.schema import register as register_plan  # the planner's own schema module
+    # Commands other than ft-train own their schema modules; each registers its primary config here.
+    from ft_dist.eval.schema import register as register_eval
+    from ft_dist.planner.schema import register as register_plan
 
+    register_eval(cs)
     register_plan(cs)
 
 
 _CHOICES: Dict[str, tuple] = {
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "data.overlong": ("truncate", "drop"),
     "train.optimizer": ("adamw", "sgd"),
     "train.scheduler": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
@@ -222,7 +166,7 @@ _CHOICES: Dict[str, tuple] = {
 }
 
 _POSITIVE = (
-    "data.max_seq_len", "train.micro_batch_size", "train.grad_accum", "train.lr", "train.epochs",
+    "train.micro_batch_size", "train.grad_accum", "train.lr", "train.epochs",
     "train.log_every", "eval.max_new_tokens", "eval.batch_size", "peft.r", "peft.alpha",
 )
 _NON_NEGATIVE = (
@@ -256,20 +200,14 @@ def validate(cfg: Any) -> None:
             raise ConfigError(key, f"expected a value >= 0, got {value!r}")
     if cfg.train.max_steps == 0 or cfg.train.max_steps < -1:
         raise ConfigError("train.max_steps", f"expected a positive step count or -1, got {cfg.train.max_steps}")
-    if not 0 < cfg.data.test_size and not (cfg.data.test_size >= 1 and float(cfg.data.test_size).is_integer()):
-        raise ConfigError("data.test_size", f"expected a share in (0, 1) or a whole count >= 1, got {cfg.data.test_size}")
     if not 0.0 <= cfg.peft.dropout < 1.0:
         raise ConfigError("peft.dropout", f"expected a value in [0, 1), got {cfg.peft.dropout}")
-    if cfg.data.limit is not None and cfg.data.limit <= 0:
-        raise ConfigError("data.limit", f"expected a positive count or null, got {cfg.data.limit}")
     if cfg.model.name_or_path is None and not cfg.model.arch:
         raise ConfigError("model.name_or_path", "expected a hub id or path, or `model.arch` to build from config")
     if (cfg.model.from_config or cfg.model.name_or_path is None) and "model_type" not in cfg.model.arch:
         raise ConfigError("model.arch.model_type", "expected the HF model_type (e.g. llama, gpt_neox) to build from config")
     if cfg.model.tokenizer is None and cfg.model.name_or_path is None:
         raise ConfigError("model.tokenizer", "expected a tokenizer path or id when the model has no name_or_path")
-    path = cfg.data.path
-    if not path.startswith("hf:") and not os.path.isfile(os.path.expanduser(path)):
-        raise ConfigError("data.path", f"expected an existing data file or hf:<dataset id>, got {path!r} (no such file)")
+    validate_data(cfg.data)
     if cfg.strategy.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("strategy.zero_stage", f"expected 0, 1, 2 or 3, got {cfg.strategy.zero_stage}")

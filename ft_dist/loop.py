@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from ft_dist import dist
-from ft_dist.data.batching import GlobalBatchSampler, collate
+from ft_dist.data.batching import GlobalBatchSampler, collate, count_real_tokens
 from ft_dist.data.prepare import PreparedData
 from ft_dist.optim import build_scheduler
 from ft_dist.strategies.base import Strategy
@@ -78,7 +78,9 @@ def evaluate_loss(strategy: Strategy, dataset: Any, pad_id: int, batch_size: int
 
 
 def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracker, pad_id: int,
+               extra_eval: Optional[Callable[[], Dict[str, float]]] = None,
                on_step_end: Optional[Callable[[int], None]] = None) -> LoopResult:
+    """Train for the configured steps; `extra_eval` adds metrics (e.g. a generation sample) at each periodic eval."""
     tc = cfg.train
     world = strategy.world
     sampler = GlobalBatchSampler(len(data.train), tc.micro_batch_size, tc.grad_accum, world.size, world.rank, tc.seed)
@@ -106,7 +108,7 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
             # Data-parallel engines average gradients over replicas; scale so the result is the global-token mean.
             strategy.backward(out.loss * strategy.dp_size, sync=a == len(micro_batches) - 1)
             loss_sum += float(out.loss.detach())
-            tokens += float(batch["attention_mask"].sum())
+            tokens += count_real_tokens(batch)
         grad_norm = strategy.step(tc.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -126,6 +128,8 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
             window_tokens, window_start = 0.0, now
         if (tc.eval_every and done % tc.eval_every == 0) or done == steps:
             ev = evaluate_loss(strategy, data.test, pad_id, cfg.eval.batch_size, tc.eval_batches if done != steps else 0)
+            if extra_eval is not None and done != steps:
+                ev.update(extra_eval())
             ev["step"] = done
             result.eval_history.append(ev)
             tracker.log(done, {k: v for k, v in ev.items() if k != "step"})

@@ -99,8 +99,14 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
         report["before"] = before["scores"]
         dist.log(f"before finetuning: {json.dumps(before['scores'])}")
 
+    def sample_task_metric() -> Dict[str, float]:
+        sample_cfg = OmegaConf.merge(cfg.eval, {"max_examples": cfg.eval.during_training})
+        scores = task_metrics(strategy.unwrapped(), tokenizer, data.test, sample_cfg, world.device)["scores"]
+        return {f"sample_{k}": v for k, v in scores.items() if isinstance(v, float)}
+
     seed_everything(cfg.train.seed)
-    result = train_loop(cfg, strategy, data, tracker, tokenizer.pad_token_id)
+    result = train_loop(cfg, strategy, data, tracker, tokenizer.pad_token_id,
+                        extra_eval=sample_task_metric if cfg.eval.during_training else None)
     after = task_metrics(strategy.unwrapped(), tokenizer, data.test, cfg.eval, world.device)
     after_scores = {**after["scores"], **{k: v for k, v in result.eval_history[-1].items() if k != "step"}}
     report.update(after=after_scores, train_seconds=result.seconds, tokens=result.tokens, steps=result.steps,

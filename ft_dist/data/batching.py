@@ -64,3 +64,8 @@ def collate(examples: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, torch.
         labels[i, :n] = torch.tensor(e["labels"])
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def count_real_tokens(batch: Dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens in a collated batch (for tokens/s)."""
+    return int(batch["attention_mask"].sum())

@@ -1,0 +1,10 @@
+"""`python launch/data.py k=v ...` (same as ft-data)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from ft_dist.cli import data  # noqa: E402
+
+if __name__ == "__main__":
+    data()
