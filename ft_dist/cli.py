@@ -12,7 +12,7 @@ import re
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -37,7 +37,9 @@ _register_resolvers()
 
 
 def _fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    # Every rank meets the same user error; one copy of the message is enough (torchrun ends the others).
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -115,10 +117,19 @@ def _import(path: str) -> Any:
     return getattr(__import__(module_name, fromlist=[attr]), attr)
 
 
-def _entry(config_name: str, task_path: str, check: Callable[[Any], None] = validate) -> Callable[[], None]:
-    """A console-script main: compose conf/<config_name>.yaml, check it, then run `module:function` on it."""
+def _entry(config_name: str, task_path: str, check: Callable[[Any], None] = validate,
+           verbs: Optional[Dict[str, str]] = None) -> Callable[[], None]:
+    """A console-script main: compose conf/<config_name>.yaml, check it, then run `module:function` on it.
+
+    `verbs` lets a leading bare word select a mode (`ft-eval compare ...` -> `mode=compare`), which Hydra's
+    override grammar would otherwise reject.
+    """
 
     def main() -> None:
+        # The deepspeed launcher appends --local_rank=N (also exported as LOCAL_RANK); Hydra would reject it.
+        sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+        if verbs and len(sys.argv) > 1 and sys.argv[1] in verbs:
+            sys.argv[1] = verbs[sys.argv[1]]
         _preflight(config_name, sys.argv[1:], check)
 
         @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
@@ -134,7 +145,9 @@ def _entry(config_name: str, task_path: str, check: Callable[[Any], None] = vali
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 train = _entry("train", "ft_dist.train:run")
-evaluate = _entry("eval", "ft_dist.eval.run:run")
+evaluate = _entry("eval", "ft_dist.eval.run:run", verbs={"compare": "mode=compare", "mc": "mode=mc"})
 generate = _entry("generate", "ft_dist.eval.run:generate")
-data = _entry("data", "ft_dist.data.report:run", _import("ft_dist.data.schema:validate_data_run"))
+data = _entry("data", "ft_dist.data.report:run", _import("ft_dist.data.schema:validate_data_run"),
+              verbs={"report": "action=report"})
+export = _entry("export", "ft_dist.export:run", check=lambda cfg: None)
 plan = _entry("plan", "ft_dist.planner.run:run", _import("ft_dist.planner.schema:validate_plan"))

@@ -70,7 +70,17 @@ class TrainConfig:
     eval_batches: int = 0
     """Batches of the test split per periodic eval (0: all)."""
     save_every: int = 0
-    """Checkpoint every N steps (0: only the final model)."""
+    """Checkpoint every N steps (0: off)."""
+    save_minutes: float = 0.0
+    """Also checkpoint when this many minutes passed since the last one (0: off)."""
+    keep_checkpoints: int = 2
+    """Keep the newest K complete checkpoints."""
+    resume: Optional[str] = "auto"
+    """auto: continue from the newest complete checkpoint in output_dir (fresh start if none) | a path | null."""
+    resume_ignore_config: bool = False
+    """Resume even though the checkpoint's config differs from this run's (the differences are still printed)."""
+    nonfinite_limit: int = 3
+    """Skip steps whose loss or gradient is NaN/Inf; stop (exit 3) after this many in a row."""
     seed: int = 42
     num_workers: int = 0
     """DataLoader worker processes."""
@@ -104,6 +114,8 @@ class PeftConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    seed: int = 1234
+    """Seed for the adapters' initialisation."""
     merge_on_save: bool = True
     """Also write a merged full model beside the adapter."""
 
@@ -139,13 +151,27 @@ class RunConfig:
     """auto | cpu | cuda."""
 
 
+@dataclass
+class ExportConfig:
+    """`ft-export`: turn a training checkpoint into an HF model directory."""
+
+    checkpoint: str = MISSING
+    """A checkpoints/step-<N> dir, or a run dir (its newest complete checkpoint)."""
+    output: str = MISSING
+    merge_lora: bool = True
+    """For LoRA runs: also write the merged full model (the adapter goes to output/adapter either way)."""
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=RunConfig)
+    cs.store(name="export_schema", node=ExportConfig)
     # Commands other than ft-train own their schema modules; each registers its primary config here.
+    from ft_dist.data.schema import register as register_data
     from ft_dist.eval.schema import register as register_eval
     from ft_dist.planner.schema import register as register_plan
 
+    register_data(cs)
     register_eval(cs)
     register_plan(cs)
 
@@ -171,7 +197,7 @@ _POSITIVE = (
 )
 _NON_NEGATIVE = (
     "train.weight_decay", "train.warmup_steps", "train.max_grad_norm", "train.eval_every", "train.eval_batches",
-    "train.save_every", "train.num_workers", "eval.max_examples", "strategy.zero_stage",
+    "train.save_every", "train.num_workers", "train.save_minutes", "eval.max_examples", "strategy.zero_stage",
 )
 
 
@@ -198,6 +224,10 @@ def validate(cfg: Any) -> None:
         value = _get(cfg, key)
         if value is not None and value < 0:
             raise ConfigError(key, f"expected a value >= 0, got {value!r}")
+    if cfg.train.keep_checkpoints < 1:
+        raise ConfigError("train.keep_checkpoints", f"expected >= 1, got {cfg.train.keep_checkpoints}")
+    if cfg.train.nonfinite_limit < 1:
+        raise ConfigError("train.nonfinite_limit", f"expected >= 1, got {cfg.train.nonfinite_limit}")
     if cfg.train.max_steps == 0 or cfg.train.max_steps < -1:
         raise ConfigError("train.max_steps", f"expected a positive step count or -1, got {cfg.train.max_steps}")
     if not 0.0 <= cfg.peft.dropout < 1.0:
@@ -209,5 +239,14 @@ def validate(cfg: Any) -> None:
     if cfg.model.tokenizer is None and cfg.model.name_or_path is None:
         raise ConfigError("model.tokenizer", "expected a tokenizer path or id when the model has no name_or_path")
     validate_data(cfg.data)
-    if cfg.strategy.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError("strategy.zero_stage", f"expected 0, 1, 2 or 3, got {cfg.strategy.zero_stage}")
+    sc = cfg.strategy
+    if sc.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError("strategy.zero_stage", f"expected 0, 1, 2 or 3, got {sc.zero_stage}")
+    if sc.name == "deepspeed" and sc.zero_stage == 0:
+        raise ConfigError("strategy.zero_stage", "expected 1, 2 or 3 with strategy.name=deepspeed (use strategy=ddp for no sharding)")
+    if sc.name != "deepspeed" and (sc.zero_stage or sc.offload_optimizer != "none" or sc.offload_params != "none"):
+        raise ConfigError("strategy.name", f"zero_stage and offload_* are DeepSpeed settings; got them with strategy {sc.name}")
+    if sc.offload_params != "none" and sc.zero_stage != 3:
+        raise ConfigError("strategy.offload_params", "parameter offload needs ZeRO stage 3 (strategy=zero3_offload)")
+    if "nvme" in (sc.offload_optimizer, sc.offload_params) and not sc.nvme_path:
+        raise ConfigError("strategy.nvme_path", "expected a directory on a local NVMe disk for NVMe offload")

@@ -24,6 +24,8 @@ class World:
     local_rank: int = 0
     size: int = 1
     device: torch.device = torch.device("cpu")
+    launched: bool = False
+    """Started by torchrun/deepspeed/srun (a process group exists, even of size 1)."""
 
     @property
     def is_main(self) -> bool:
@@ -64,11 +66,12 @@ def init(device: str = "auto", backend: str = "auto") -> World:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
-    if size > 1 and not dist.is_initialized():
+    launched = "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ
+    if launched and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
-    _WORLD = World(rank=rank, local_rank=local_rank, size=size, device=dev)
+    _WORLD = World(rank=rank, local_rank=local_rank, size=size, device=dev, launched=launched)
     return _WORLD
 
 
@@ -110,6 +113,25 @@ def main_first() -> Iterator[None]:
     yield
     if is_main():
         barrier()
+
+
+_PREEMPT_SIGNAL: List[int] = []
+
+
+def install_preemption_handlers() -> None:
+    """Remember SIGTERM/SIGUSR1 instead of dying: the loop checks at each step boundary, saves, and exits 85."""
+    import signal
+
+    def remember(signum: int, frame: Any) -> None:
+        _PREEMPT_SIGNAL.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, remember)
+
+
+def preemption_signalled() -> bool:
+    """Whether this process got a preemption signal (the loop agrees across ranks with an all-reduce)."""
+    return bool(_PREEMPT_SIGNAL)
 
 
 def log(message: str) -> None:

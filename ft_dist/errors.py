@@ -24,3 +24,9 @@ class DataError(UserError):
     def __init__(self, message: str, path: Optional[str] = None, line: Optional[int] = None):
         where = f"{path}:{line}: " if path and line else (f"{path}: " if path else "")
         super().__init__(f"data error: {where}{message}")
+
+
+class TrainingDiverged(UserError):
+    """Loss or gradients stayed NaN/Inf; exit code ft_dist.EXIT_DIVERGED."""
+
+    exit_code = 3

@@ -13,12 +13,13 @@ import math
 import resource
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from ft_dist import dist
-from ft_dist.data.batching import GlobalBatchSampler, collate, count_real_tokens
+from ft_dist.data.batching import GlobalBatchSampler, collate, count_real_tokens, examples_from_rows
 from ft_dist.data.prepare import PreparedData
 from ft_dist.optim import build_scheduler
 from ft_dist.strategies.base import Strategy
@@ -28,6 +29,9 @@ from ft_dist.tracking import Tracker
 @dataclass
 class LoopResult:
     steps: int
+    start_step: int = 0
+    preempted: bool = False
+    skipped_steps: int = 0
     train_losses: List[float] = field(default_factory=list)
     eval_history: List[Dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
@@ -62,14 +66,19 @@ def evaluate_loss(strategy: Strategy, dataset: Any, pad_id: int, batch_size: int
     if max_batches:
         n_batches = min(n_batches, max_batches)
     loss_sum, tokens = 0.0, 0.0
-    for b in range(world.rank, n_batches, world.size):
-        rows = dataset[b * batch_size:(b + 1) * batch_size]
-        examples = [dict(input_ids=i, labels=l) for i, l in zip(rows["input_ids"], rows["labels"])]
-        batch = _to(collate(examples, pad_id), world.device)
+    # Every rank runs the same number of forwards (sharded models gather weights collectively in each one);
+    # a rank with no batch left re-runs batch 0 and discards the result.
+    rounds = math.ceil(n_batches / world.size)
+    for b in range(world.rank, rounds * world.size, world.size):
+        real = b < n_batches
+        start = (b if real else 0) * batch_size
+        rows = dataset[start:start + batch_size]
+        batch = _to(collate(examples_from_rows(rows), pad_id), world.device)
         with strategy.autocast():
             out = model(**batch, use_cache=False, num_items_in_batch=1)  # reduction: sum over tokens
-        loss_sum += float(out.loss)
-        tokens += float((batch["labels"] != -100).sum())
+        if real:
+            loss_sum += float(out.loss)
+            tokens += float((batch["labels"] != -100).sum())
     loss_sum, tokens = dist.all_reduce_sum([loss_sum, tokens])
     if was_training:
         model.train()
@@ -77,10 +86,28 @@ def evaluate_loss(strategy: Strategy, dataset: Any, pad_id: int, batch_size: int
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
-def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracker, pad_id: int,
-               extra_eval: Optional[Callable[[], Dict[str, float]]] = None,
-               on_step_end: Optional[Callable[[int], None]] = None) -> LoopResult:
-    """Train for the configured steps; `extra_eval` adds metrics (e.g. a generation sample) at each periodic eval."""
+@dataclass
+class RunPosition:
+    """Where a run stands, as written into each checkpoint's meta.json."""
+
+    step: int
+    global_batch: int
+
+    @property
+    def samples_consumed(self) -> int:
+        return self.step * self.global_batch
+
+
+def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracker, pad_id: int, out_dir: Path,
+               resume_from: Optional[Path] = None, config_fingerprint: Optional[Dict[str, Any]] = None,
+               extra_eval: Optional[Callable[[], Dict[str, float]]] = None) -> LoopResult:
+    """Train for the configured steps; `extra_eval` adds metrics (e.g. a generation sample) at each periodic eval.
+
+    Checkpoints are written every `train.save_every` steps / `train.save_minutes` minutes, and at the first step
+    boundary after a preemption signal on any rank, after which the result says `preempted` (exit 85).
+    """
+    from ft_dist.checkpoint import load_checkpoint, save_checkpoint
+
     tc = cfg.train
     world = strategy.world
     sampler = GlobalBatchSampler(len(data.train), tc.micro_batch_size, tc.grad_accum, world.size, world.rank, tc.seed)
@@ -88,42 +115,86 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
     scheduler = build_scheduler(strategy.optimizer, tc, steps)
     num_loss_tokens = data.train["num_loss_tokens"]
     result = LoopResult(steps=steps)
+    layout = {"world_size": world.size, "micro_batch_size": tc.micro_batch_size, "grad_accum": tc.grad_accum,
+              "global_batch": sampler.global_batch, "strategy": cfg.strategy.name}
+
+    def save(step: int) -> None:
+        meta = {"step": step, "samples_consumed": step * sampler.global_batch, **layout,
+                "config": config_fingerprint or {}, "saved_at": time.time()}
+        t0 = time.time()
+        path = save_checkpoint(strategy, scheduler, out_dir, step, meta, tc.keep_checkpoints)
+        dist.log(f"checkpoint: {path} ({time.time() - t0:.1f} s)")
+
+    start_step = 0
+    if resume_from is not None:
+        t0 = time.time()
+        meta = load_checkpoint(strategy, scheduler, resume_from)
+        start_step = meta["samples_consumed"] // sampler.global_batch
+        dist.log(f"resumed from {resume_from} at step {start_step} ({meta['samples_consumed']} samples consumed, "
+                 f"saved by world size {meta['world_size']}; {time.time() - t0:.1f} s)")
+    result.start_step = start_step
     dist.log(f"training: {steps} steps, global batch {sampler.global_batch} = micro {tc.micro_batch_size} x accum "
              f"{tc.grad_accum} x world {world.size}, {len(data.train)} train / {len(data.test)} test examples")
     strategy.model.train()
-    tracker.start_progress(steps)
-    start = time.time()
+    tracker.start_progress(steps, initial=start_step)
+    start = last_save = time.time()
     window_tokens, window_start = 0.0, time.time()
-    for step in range(steps):
+    bad_in_a_row = 0
+    for step in range(start_step, steps):
         micro_batches = sampler.micro_batches(step)
         # Every rank can count the global batch's loss tokens from the precomputed column: no communication.
         n_global = sum(num_loss_tokens[i] for i in sampler.global_indices(step))
         loss_sum, tokens = 0.0, 0.0
         for a, indices in enumerate(micro_batches):
             rows = data.train[indices]
-            examples = [dict(input_ids=i, labels=l) for i, l in zip(rows["input_ids"], rows["labels"])]
-            batch = _to(collate(examples, pad_id), world.device)
+            batch = _to(collate(examples_from_rows(rows), pad_id), world.device)
             with strategy.autocast():
                 out = strategy.model(**batch, use_cache=False, num_items_in_batch=n_global)
             # Data-parallel engines average gradients over replicas; scale so the result is the global-token mean.
             strategy.backward(out.loss * strategy.dp_size, sync=a == len(micro_batches) - 1)
             loss_sum += float(out.loss.detach())
             tokens += count_real_tokens(batch)
-        grad_norm = strategy.step(tc.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        loss, tokens = dist.all_reduce_sum([loss_sum, tokens])
+        due = bool(tc.save_minutes) and world.is_main and time.time() - last_save >= 60 * tc.save_minutes
+        # One all-reduce per step carries the loss, the token count and every rank's stop/save requests.
+        loss, tokens, preempt, due = dist.all_reduce_sum([loss_sum, tokens, float(dist.preemption_signalled()), float(due)])
+        done = step + 1
+        if not math.isfinite(loss) and not strategy.can_skip_steps:
+            grad_norm = float("nan")
+        elif not math.isfinite(loss):
+            strategy.skip_step()
+            grad_norm = float("nan")
+        else:
+            grad_norm = strategy.step(tc.max_grad_norm)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            bad_in_a_row = 0
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+        else:
+            # The update was skipped (torch-native strategies skip a non-finite gradient themselves), so the
+            # weights are still those from before the first bad step: that is what a stop checkpoints.
+            bad_in_a_row += 1
+            result.skipped_steps += 1
+            dist.log(f"step {done}: non-finite loss {loss} / grad norm {grad_norm}: update skipped ({bad_in_a_row} in a row)")
+            if bad_in_a_row >= tc.nonfinite_limit or not strategy.can_skip_steps:
+                from ft_dist.errors import TrainingDiverged
+
+                first_bad = done - bad_in_a_row
+                save(first_bad - 1) if first_bad - 1 > 0 else None
+                raise TrainingDiverged(f"training diverged: {bad_in_a_row} steps in a row with NaN/Inf loss or gradients "
+                                       f"(first at step {first_bad}); lower train.lr or check the data. The weights "
+                                       f"from before step {first_bad} are in {out_dir / 'checkpoints'}")
+            lr = scheduler.get_last_lr()[0]
         result.train_losses.append(loss)
         result.tokens += int(tokens)
         window_tokens += tokens
-        done = step + 1
         tracker.advance(1, {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"})
         if done % tc.log_every == 0 or done == steps:
             now = time.time()
             elapsed = now - start
             metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                       "elapsed_s": elapsed, "eta_s": elapsed / done * (steps - done), "memory_gb": memory_gb(world.device)}
+                       "elapsed_s": elapsed, "eta_s": elapsed / (done - start_step) * (steps - done),
+                       "memory_gb": memory_gb(world.device)}
             tracker.log(done, metrics)
             window_tokens, window_start = 0.0, now
         if (tc.eval_every and done % tc.eval_every == 0) or done == steps:
@@ -134,7 +205,12 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
             result.eval_history.append(ev)
             tracker.log(done, {k: v for k, v in ev.items() if k != "step"})
             dist.log(f"step {done}/{steps}: eval_loss {ev['eval_loss']:.4f} (perplexity {ev['eval_perplexity']:.2f})")
-        if on_step_end is not None:
-            on_step_end(done)
+        if preempt or due or (tc.save_every and done % tc.save_every == 0):
+            save(done)
+            last_save = time.time()
+        if preempt:
+            dist.log(f"preempted: checkpoint saved at step {done}; exiting with code 85 (requeue; train.resume=auto continues)")
+            result.preempted = True
+            break
     result.seconds = time.time() - start
     return result

@@ -6,6 +6,7 @@ points to call, keeps `trust_remote_code` off unless asked, and gives every toke
 
 from __future__ import annotations
 
+import contextlib
 import string
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -74,26 +75,32 @@ def architecture_config(model_cfg: Any) -> Any:
         raise ConfigError("model.arch.model_type", str(err).splitlines()[0])
 
 
-def build_model(model_cfg: Any, tokenizer: Any, path: Optional[str] = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+def build_model(model_cfg: Any, tokenizer: Any, path: Optional[str] = None, dtype: torch.dtype = torch.float32,
+                meta: bool = False) -> nn.Module:
     """A causal LM: from a saved dir `path`, from pretrained `name_or_path`, or random init from `arch`.
 
     Random init draws from torch's global RNG, so the caller seeds first and every rank builds the same weights.
+    `meta=True` builds the structure only (no memory, no weights read): sharding strategies fill it in per shard.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     common = dict(attn_implementation=model_cfg.attn_implementation, trust_remote_code=model_cfg.trust_remote_code)
-    if path is not None or not (model_cfg.from_config or model_cfg.name_or_path is None):
-        source = path or model_cfg.name_or_path
-        if path is not None and (Path(path) / "adapter_config.json").exists():
-            return _load_adapter_model(model_cfg, tokenizer, path, dtype)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common)
+    pretrained = path is not None or not (model_cfg.from_config or model_cfg.name_or_path is None)
+    if pretrained and path is not None and (Path(path) / "adapter_config.json").exists():
+        return _load_adapter_model(model_cfg, tokenizer, path, dtype)
+    if pretrained and not meta:
+        model = AutoModelForCausalLM.from_pretrained(path or model_cfg.name_or_path, dtype=dtype, **common)
     else:
-        config = architecture_config(model_cfg)
+        if pretrained:
+            config = AutoConfig.from_pretrained(path or model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+        else:
+            config = architecture_config(model_cfg)
         if getattr(config, "vocab_size", 0) < len(tokenizer):
             raise ConfigError("model.arch.vocab_size", f"expected >= the tokenizer's {len(tokenizer)} tokens, got {config.vocab_size}")
         config.pad_token_id = tokenizer.pad_token_id
         config.eos_token_id = tokenizer.eos_token_id
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
     # Generation stops at the tokenizer's EOS, which training appended to every response.
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -114,6 +121,9 @@ def apply_peft(model: nn.Module, peft_cfg: Any) -> nn.Module:
     """Wrap with LoRA adapters (PEFT); the base weights freeze. method=none returns the model unchanged."""
     if peft_cfg.method == "none":
         return model
+    # Adapters are initialised from their own seed point, so they are identical however the base was built
+    # (plain, on meta, or under DeepSpeed's zero.Init, which draw different amounts of randomness).
+    torch.manual_seed(peft_cfg.seed)
     from peft import LoraConfig, get_peft_model
 
     targets = list(peft_cfg.target_modules)
@@ -131,6 +141,24 @@ def apply_peft(model: nn.Module, peft_cfg: Any) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> Dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    def numel(p: nn.Parameter) -> int:
+        return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 keeps only a partition locally
+
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable}
+
+
+def recompute_non_persistent_buffers(model: nn.Module) -> None:
+    """Rebuild buffers that state dicts leave out (rotary `inv_freq`) after `to_empty` left them uninitialised.
+
+    HF computes them in the owning module's constructor from its config, and such modules hold no parameters,
+    so constructing a CPU twin is cheap whatever the model size.
+    """
+    for module in model.modules():
+        missing = [n for n in module._buffers if n in module._non_persistent_buffers_set]
+        if not missing or not hasattr(module, "config"):
+            continue
+        twin = type(module)(module.config)
+        for name in missing:
+            module._buffers[name] = twin._buffers[name].to(module._buffers[name].device)

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ft_dist import dist
 
-SECRET_MARKERS = ("api_key", "apikey", "token", "secret", "password")
+# Keys like wandb_api_key, hf_token, password (but not tokenizer or max_new_tokens).
+SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|password|credentials?)$", re.IGNORECASE)
 
 
 def scrub_secrets(obj: Any) -> Any:
     """A copy of a config container with values of secret-looking keys replaced, for anything written or logged."""
     if isinstance(obj, dict):
-        return {k: ("***" if any(m in str(k).lower() for m in SECRET_MARKERS) and v else scrub_secrets(v)) for k, v in obj.items()}
+        return {k: ("***" if SECRET_KEY.search(str(k)) and v else scrub_secrets(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [scrub_secrets(v) for v in obj]
     return obj

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ft_dist import dist
+from ft_dist import EXIT_REQUEUE, dist
 from ft_dist.checkpoint import atomic_write_text, config_yaml, save_final_model
 from ft_dist.data.prepare import prepare_dataset
 from ft_dist.eval.generation import task_metrics
@@ -60,8 +60,49 @@ def format_comparison(before: Optional[Dict[str, Any]], after: Dict[str, Any]) -
     return "\n".join(lines)
 
 
+# Settings that may change between a checkpoint and its resume: batch layout (checked separately), cadence of
+# logging/eval/saving, and where things run. Everything else must match, or the resumed run is a different run.
+_RESUMABLE_CHANGES = {"micro_batch_size", "grad_accum", "resume", "resume_ignore_config", "save_every", "save_minutes",
+                      "keep_checkpoints", "log_every", "eval_every", "eval_batches", "num_workers", "nonfinite_limit"}
+
+
+def config_fingerprint(cfg: DictConfig) -> Dict[str, Any]:
+    """The flattened settings a checkpoint must agree with to be resumed exactly."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    flat: Dict[str, Any] = {}
+    for group in ("model", "data", "peft", "train"):
+        for key, value in container[group].items():
+            if (group == "train" and key in _RESUMABLE_CHANGES) or (group == "data" and key == "cache_dir"):
+                continue
+            flat[f"{group}.{key}"] = value
+    return flat
+
+
+def check_resumable(cfg: DictConfig, path: Path, world: dist.World) -> None:
+    """Refuse, in one line naming what differs and what to pass, a checkpoint this run cannot continue exactly."""
+    from ft_dist.checkpoint import read_meta
+    from ft_dist.errors import ConfigError
+
+    meta = read_meta(path)
+    now, then = config_fingerprint(cfg), meta.get("config", {})
+    diffs = [f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(now) | set(then))
+             if now.get(k) != then.get(k)]
+    if diffs and not cfg.train.resume_ignore_config:
+        raise ConfigError("train.resume", f"checkpoint {path} was written with a different config ({'; '.join(diffs)}); "
+                          "pass train.resume_ignore_config=true to resume anyway, or a new output_dir to start fresh")
+    tc = cfg.train
+    global_batch = tc.micro_batch_size * tc.grad_accum * world.size
+    if meta["global_batch"] != global_batch:
+        per_rank = meta["global_batch"] / (tc.micro_batch_size * world.size)
+        hint = f"set train.grad_accum={int(per_rank)}" if per_rank.is_integer() else "choose micro_batch_size x grad_accum x world to match"
+        raise ConfigError("train.grad_accum", f"checkpoint {path} used global batch {meta['global_batch']} (micro "
+                          f"{meta['micro_batch_size']} x accum {meta['grad_accum']} x world {meta['world_size']}), this run "
+                          f"{global_batch}: {hint} so the data position maps exactly")
+
+
 def run(cfg: DictConfig) -> int:
     world = dist.init(cfg.device, cfg.strategy.backend)
+    dist.install_preemption_handlers()
     try:
         return _train(cfg, world)
     finally:
@@ -75,6 +116,11 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
         atomic_write_text(out_dir / "config.yaml", config_yaml(cfg))
     dist.log(f"run dir: {out_dir}")
 
+    from ft_dist.checkpoint import find_resume_checkpoint
+
+    resume_from = find_resume_checkpoint(cfg.train.resume, out_dir)
+    if resume_from is not None:
+        check_resumable(cfg, resume_from, world)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_dataset(cfg.data, tokenizer)
     dist.log(f"data: {data.stats['records']} records -> {data.stats['train']} train / {data.stats['test']} test, "
@@ -82,9 +128,9 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
 
     strategy = build_strategy(cfg, world)
 
-    def make_model() -> torch.nn.Module:
+    def make_model(meta: bool = False) -> torch.nn.Module:
         seed_everything(cfg.train.seed)  # same random init on every rank and in every run
-        return apply_peft(build_model(cfg.model, tokenizer), cfg.peft)
+        return apply_peft(build_model(cfg.model, tokenizer, meta=meta), cfg.peft)
 
     strategy.setup(make_model, lambda params: build_optimizer(params, cfg.train))
     counts = count_parameters(strategy.unwrapped())
@@ -94,27 +140,44 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
     container = scrub_secrets(OmegaConf.to_container(cfg, resolve=True))
     tracker = Tracker(out_dir, cfg.logger, container)
     report: Dict[str, Any] = {"parameters": counts}
-    if cfg.eval.before_training:
-        before = task_metrics(strategy.unwrapped(), tokenizer, data.test, cfg.eval, world.device)
+    before_file = out_dir / "before.json"
+    if cfg.eval.before_training and resume_from is not None and before_file.exists():
+        report["before"] = json.loads(before_file.read_text())
+    elif cfg.eval.before_training:
+        before = task_metrics(strategy.inference_model(), tokenizer, data.test, cfg.eval, world.device)
         report["before"] = before["scores"]
+        if world.is_main:
+            atomic_write_text(before_file, json.dumps(before["scores"]))
         dist.log(f"before finetuning: {json.dumps(before['scores'])}")
 
     def sample_task_metric() -> Dict[str, float]:
         sample_cfg = OmegaConf.merge(cfg.eval, {"max_examples": cfg.eval.during_training})
-        scores = task_metrics(strategy.unwrapped(), tokenizer, data.test, sample_cfg, world.device)["scores"]
+        scores = task_metrics(strategy.inference_model(), tokenizer, data.test, sample_cfg, world.device)["scores"]
         return {f"sample_{k}": v for k, v in scores.items() if isinstance(v, float)}
 
     seed_everything(cfg.train.seed)
-    result = train_loop(cfg, strategy, data, tracker, tokenizer.pad_token_id,
+    result = train_loop(cfg, strategy, data, tracker, tokenizer.pad_token_id, out_dir, resume_from=resume_from,
+                        config_fingerprint=config_fingerprint(cfg),
                         extra_eval=sample_task_metric if cfg.eval.during_training else None)
-    after = task_metrics(strategy.unwrapped(), tokenizer, data.test, cfg.eval, world.device)
+    if result.preempted:
+        tracker.close()
+        if world.is_main:
+            atomic_write_text(out_dir / "PREEMPTED", f"step {result.start_step + len(result.train_losses)}\n")
+        return EXIT_REQUEUE
+    if world.is_main and (out_dir / "PREEMPTED").exists():
+        (out_dir / "PREEMPTED").unlink()
+    final_model = strategy.inference_model()  # a collective for sharded strategies: every rank takes part
+    if os.environ.get("FT_DIST_PARAM_DIGEST"):  # tests: each rank's view of the gathered weights
+        digest = {k: [float(v.double().sum()), float(v.double().norm())] for k, v in strategy.full_state_dict().items()}
+        (out_dir / f"param_digest.rank{world.rank}.json").write_text(json.dumps(digest))
+    after = task_metrics(final_model, tokenizer, data.test, cfg.eval, world.device)
     after_scores = {**after["scores"], **{k: v for k, v in result.eval_history[-1].items() if k != "step"}}
     report.update(after=after_scores, train_seconds=result.seconds, tokens=result.tokens, steps=result.steps,
                   final_train_loss=result.train_losses[-1], eval_history=result.eval_history)
 
     final = out_dir / "final"
     if world.is_main:
-        save_final_model(strategy.unwrapped(), tokenizer, cfg, final)
+        save_final_model(final_model, tokenizer, cfg, final)
         atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2))
         with (out_dir / "samples.jsonl").open("w") as fh:
             for s in after["samples"]:

@@ -1,4 +1,4 @@
-"""Which examples each rank sees at each optimizer step, and how they become padded tensors.
+"""Which examples each rank sees at each optimizer step, and how they become padded (or packed) tensors.
 
 The order is a seeded permutation per epoch over the whole training set, cut into global batches of
 micro_batch x grad_accum x world_size examples. Each rank takes its slice of each global batch, so the sequence
@@ -52,20 +52,45 @@ class GlobalBatchSampler:
         return [idx[a * chunk + self.rank * self.micro: a * chunk + (self.rank + 1) * self.micro] for a in range(self.accum)]
 
 
+def examples_from_rows(rows: Dict[str, List[Any]]) -> List[Dict[str, Any]]:
+    """Per-example dicts for `collate` from a column slice `dataset[indices]` (with position_ids when packed)."""
+    keys = [k for k in ("input_ids", "labels", "position_ids") if k in rows]
+    return [dict(zip(keys, values)) for values in zip(*(rows[k] for k in keys))]
+
+
 def collate(examples: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked out of attention and loss."""
+    """Right-pad to the longest example; padding never enters attention or the loss.
+
+    Unpacked rows get an attention mask. Packed rows (with `position_ids`) get NO attention mask: that is what
+    makes transformers derive a block-diagonal mask from the restarting positions (SDPA/eager) or use varlen
+    flash-attention, so examples sharing a row never see each other. Their padding gets position 0 on every pad
+    token: each pad token is then its own one-token sequence, attended by nothing real, and `count_real_tokens`
+    can tell it apart (a real example is at least two tokens long, so never ends at position 0).
+    """
+    packed = "position_ids" in examples[0]
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[i, :n] = torch.tensor(e["input_ids"])
         labels[i, :n] = torch.tensor(e["labels"])
         mask[i, :n] = 1
+        if packed:
+            positions[i, :n] = torch.tensor(e["position_ids"])
+    if packed:
+        return {"input_ids": ids, "position_ids": positions, "labels": labels}
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def count_real_tokens(batch: Dict[str, torch.Tensor]) -> int:
     """Non-padding tokens in a collated batch (for tokens/s)."""
-    return int(batch["attention_mask"].sum())
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    # Packed: padding is the trailing run of position-0 tokens; a real example never ends at position 0.
+    pos = batch["position_ids"]
+    index = torch.arange(pos.shape[1], device=pos.device).expand_as(pos)
+    last_real = torch.where(pos != 0, index, torch.full_like(index, -1)).max(dim=1).values
+    return int((last_real + 1).sum())

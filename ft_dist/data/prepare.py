@@ -1,13 +1,18 @@
-"""The data pipeline: records -> template -> split -> tokenize -> cached Arrow dataset.
+"""The data pipeline: sources -> records -> filter, dedup -> split -> mix -> tokenize -> pack -> cached Arrow dataset.
 
-The prepared dataset is cached under `data.cache_dir/<key>`, the key hashing the source's content, the tokenizer
-and every setting that changes the result. A preparation is written to a temporary directory and renamed into
-place only when complete, so a failed or killed run never leaves a half-written cache. In a distributed run rank 0
-prepares while the others wait at a barrier, then everyone memory-maps the same files.
+Every stage streams through Arrow files (`Dataset.from_generator`, then `map`/`select`), so memory does not grow
+with the dataset; per-example bookkeeping (hashes, lengths, source ids) lives in numpy arrays of a few bytes per
+example. The prepared dataset is cached under `data.cache_dir/<key>`, the key hashing the sources' content, the
+tokenizer and every setting that changes the result. A preparation is built in a temporary directory and renamed
+into place only when complete, so a failed or killed run never leaves anything in the cache, and two jobs racing
+on one key both end with the same complete entry. In a distributed run rank 0 (or, with cache_scope=node, each
+node's local rank 0) prepares while the others wait at a barrier, then every rank memory-maps the same files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,18 +20,25 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
+
+import numpy as np
 
 from ft_dist import dist
-from ft_dist.data.sources import content_fingerprint, read_records
-from ft_dist.data.split import split_train_test
-from ft_dist.data.templates import render_prompt
-from ft_dist.data.tokenize import tokenize_batch
+from ft_dist.data.mix import weighted_indices
+from ft_dist.data.pack import pack_batch, packing_efficiency
+from ft_dist.data.sources import EMPTY, OK, SKIPPED, configured_sources, content_fingerprint, iter_records, record_features
+from ft_dist.data.split import add_keys, first_occurrences, overlap, split_train_test
+from ft_dist.data.templates import chat_template_for
+from ft_dist.data.tokenize import EncodeSettings, encode_batch
 from ft_dist.errors import DataError, UserError
 
-CACHE_VERSION = 1
-_SETTINGS = ("prompt_field", "response_field", "context_field", "template", "max_seq_len", "overlong",
-             "test_size", "split_seed", "limit", "hf_split", "hf_revision")
+CACHE_VERSION = 2
+_SETTINGS = ("prompt_field", "response_field", "context_field", "messages_field", "system_prompt", "template",
+             "train_on_prompt", "max_seq_len", "truncation_side", "overlong", "packing", "pack_window", "dedup",
+             "drop_empty", "on_error", "test_size", "split_seed", "limit", "hf_split", "hf_revision")
+_INTERNAL = ("messages", "status", "error", "key", "keep")
+HISTOGRAM_BINS = 20
 
 
 @dataclass
@@ -42,64 +54,181 @@ class PreparedData:
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     state = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    state += f"|bos={tokenizer.bos_token_id}|eos={tokenizer.eos_token_id}"
+    state += f"|bos={tokenizer.bos_token_id}|eos={tokenizer.eos_token_id}|chat={getattr(tokenizer, 'chat_template', None)}"
     return hashlib.sha256(state.encode()).hexdigest()
 
 
 def cache_key(data_cfg: Any, tokenizer: Any) -> str:
     settings = {k: getattr(data_cfg, k) for k in _SETTINGS}
-    blob = json.dumps([CACHE_VERSION, content_fingerprint(data_cfg), tokenizer_fingerprint(tokenizer), settings], sort_keys=True)
+    sources = [dataclasses.asdict(s) for s in configured_sources(data_cfg)]
+    blob = json.dumps([CACHE_VERSION, content_fingerprint(data_cfg), tokenizer_fingerprint(tokenizer), settings, sources],
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def column(ds: Any, name: str) -> np.ndarray:
+    """A numeric column as a numpy array (respecting any select/shuffle index mapping)."""
+    if len(ds) == 0:
+        return np.zeros(0, dtype=np.int64)
+    # A slice formats the column in one Arrow->numpy conversion; iterating a Column formats row by row.
+    return np.asarray(ds.with_format("numpy", columns=[name])[0:len(ds)][name])
+
+
+def _user_error(err: BaseException) -> UserError | None:
+    """The DataError a generator raised, from inside the exception datasets wraps it in."""
+    while err is not None:
+        if isinstance(err, UserError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _read(data_cfg: Any, work: Path, key: str) -> Any:
+    from datasets import Dataset
+
+    try:
+        return Dataset.from_generator(iter_records, features=record_features(), cache_dir=str(work / "records"),
+                                      gen_kwargs={"data_cfg": data_cfg}, fingerprint=f"{key}-records")
+    except Exception as err:  # datasets wraps a generator's exception in DatasetGenerationError
+        found = _user_error(err)
+        if found is not None:
+            raise found from None
+        raise
+
+
+def _length_summary(lengths: np.ndarray, max_seq_len: int) -> Dict[str, Any]:
+    counts, edges = np.histogram(lengths, bins=HISTOGRAM_BINS, range=(0, max_seq_len))
+    pct = {f"p{q}": int(np.percentile(lengths, q)) for q in (5, 25, 50, 75, 95, 99)} if len(lengths) else {}
+    return {"min": int(lengths.min()) if len(lengths) else 0, "max": int(lengths.max()) if len(lengths) else 0,
+            "mean": round(float(lengths.mean()), 1) if len(lengths) else 0.0, **pct,
+            "histogram": {"edges": [int(e) for e in edges], "counts": counts.tolist()}}
+
+
 def _build(data_cfg: Any, tokenizer: Any, target: Path) -> None:
-    from datasets import Dataset, DatasetDict, disable_progress_bars
+    from datasets import DatasetDict, disable_progress_bars
 
     disable_progress_bars()
-    records = []
-    for rec in read_records(data_cfg):
-        records.append(rec)
-        if data_cfg.limit and len(records) >= data_cfg.limit:
-            break
-    ds = Dataset.from_list(records)
-    ds = ds.map(lambda b: {"prompt_text": [render_prompt(data_cfg.template, p, c) for p, c in zip(b["prompt"], b["context"])]},
-                batched=True)
-    train, test = split_train_test(ds, data_cfg.test_size, data_cfg.split_seed)
-    parts = {}
-    for name, part in (("train", train), ("test", test)):
-        part = part.map(tokenize_batch, batched=True, fn_kwargs=dict(
-            tokenizer=tokenizer, max_seq_len=data_cfg.max_seq_len, overlong=data_cfg.overlong))
-        parts[name] = part
-    stats = {
-        "records": len(ds),
-        "train": sum(parts["train"]["keep"]),
-        "test": sum(parts["test"]["keep"]),
-        "truncated": sum(parts["train"]["truncated"]) + sum(parts["test"]["truncated"]),
-        "dropped": (len(parts["train"]) - sum(parts["train"]["keep"])) + (len(parts["test"]) - sum(parts["test"]["keep"])),
-    }
-    parts = {k: v.filter(lambda b: b["keep"], batched=True) for k, v in parts.items()}
-    if stats["train"] == 0:
-        raise DataError("no training examples left after filtering (all empty or dropped as over-long)", data_cfg.path)
+    key = target.name
+    num_proc = data_cfg.num_proc if data_cfg.num_proc > 1 else None
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        DatasetDict(parts).save_to_disk(str(tmp / "data"))
-        (tmp / "stats.json").write_text(json.dumps(stats))
-        os.replace(tmp, target)  # atomic: the cache entry appears complete or not at all
+        work = tmp / "work"
+        ds = _read(data_cfg, work, key)
+        status = column(ds, "status")
+        skipped_at = np.flatnonzero(status == SKIPPED)
+        stats: Dict[str, Any] = {
+            "records": int((status != SKIPPED).sum()), "skipped": len(skipped_at),
+            "skipped_examples": list(ds.select(skipped_at[:5])["error"]),
+            "empty": int((status == EMPTY).sum()) if data_cfg.drop_empty else 0,
+        }
+        ds = ds.select(np.flatnonzero(status == OK) if data_cfg.drop_empty else np.flatnonzero(status != SKIPPED))
+        ds = ds.map(add_keys, batched=True, num_proc=num_proc, new_fingerprint=f"{key}-keys")
+        stats["duplicates"] = 0
+        if data_cfg.dedup:
+            first = first_occurrences(column(ds, "key"))
+            stats["duplicates"] = len(ds) - len(first)
+            ds = ds.select(first)
+        if len(ds) < 2:
+            raise DataError(f"{len(ds)} examples left after filtering ({stats['empty']} empty, {stats['duplicates']} "
+                            f"duplicates, {stats['skipped']} skipped); need at least 2 for a train/test split",
+                            configured_sources(data_cfg)[0].path)
+        train, test = split_train_test(ds, data_cfg.test_size, data_cfg.split_seed)
+        stats["train_test_overlap"] = overlap(column(train, "key"), column(test, "key"))
+        sources = configured_sources(data_cfg)
+        if any(s.weight != 1.0 for s in sources):
+            train = train.select(weighted_indices(column(train, "source_id"), [s.weight for s in sources], data_cfg.split_seed))
+        settings = EncodeSettings(template=data_cfg.template, chat_template=_chat_template(data_cfg, tokenizer),
+                                  system_prompt=data_cfg.system_prompt, train_on_prompt=data_cfg.train_on_prompt,
+                                  max_seq_len=data_cfg.max_seq_len, truncation_side=data_cfg.truncation_side,
+                                  overlong=data_cfg.overlong)
+        parts = {}
+        stats.update(truncated=0, dropped=0)
+        for name, part in (("train", train), ("test", test)):
+            part = part.map(encode_batch, batched=True, num_proc=num_proc, new_fingerprint=f"{key}-{name}-tokens",
+                            fn_kwargs={"tokenizer": tokenizer, "settings": settings})
+            keep = column(part, "keep").astype(bool)
+            stats["truncated"] += int(column(part, "truncated").sum())
+            stats["dropped"] += int((~keep).sum())
+            parts[name] = part.select(np.flatnonzero(keep)).remove_columns(list(_INTERNAL))
+        _summarise(parts, sources, data_cfg, stats)
+        if stats["train"] == 0:
+            raise DataError("no training examples left after filtering (all empty, duplicates or dropped as over-long)",
+                            sources[0].path)
+        if data_cfg.packing:
+            train = parts["train"]
+            parts["train"] = train.map(pack_batch, batched=True, batch_size=data_cfg.pack_window, num_proc=num_proc,
+                                       remove_columns=train.column_names, fn_kwargs={"capacity": data_cfg.max_seq_len},
+                                       new_fingerprint=f"{key}-packed")
+            rows = column(parts["train"], "length")
+            stats["packing"] = {"rows": len(rows), "examples": stats["train"],
+                                "efficiency": round(packing_efficiency(rows, data_cfg.max_seq_len), 4)}
+        # Small shards: save_to_disk materialises one shard at a time from index-mapped (selected) datasets, and the
+        # default 500 MB shard would make peak memory grow with the dataset up to that size.
+        DatasetDict(parts).save_to_disk(str(tmp / "data"), max_shard_size="32MB")
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+        shutil.rmtree(work, ignore_errors=True)
+        _publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def _chat_template(data_cfg: Any, tokenizer: Any) -> str | None:
+    """Chat rendering for chat data, and for prompt/response data with template=tokenizer."""
+    if data_cfg.messages_field or data_cfg.template == "tokenizer" or any(s.messages_field for s in configured_sources(data_cfg)):
+        return chat_template_for(data_cfg.template if data_cfg.template in ("chatml", "tokenizer") else "chatml", tokenizer)
+    return None
+
+
+def _summarise(parts: Dict[str, Any], sources: Any, data_cfg: Any, stats: Dict[str, Any]) -> None:
+    """Counts, per-source counts, token lengths and the share of loss tokens of the (unpacked) splits."""
+    lengths = {n: column(p, "length") for n, p in parts.items()}
+    loss = {n: column(p, "num_loss_tokens") for n, p in parts.items()}
+    stats["train"], stats["test"] = len(parts["train"]), len(parts["test"])
+    stats["per_source"] = {
+        s.name: {n: int((column(p, "source_id") == s.index).sum()) for n, p in parts.items()} for s in sources}
+    all_lengths = np.concatenate(list(lengths.values()))
+    stats["tokens"] = int(all_lengths.sum())
+    stats["loss_tokens"] = int(sum(v.sum() for v in loss.values()))
+    stats["loss_token_share"] = round(stats["loss_tokens"] / max(stats["tokens"], 1), 4)
+    stats["lengths"] = _length_summary(all_lengths, data_cfg.max_seq_len)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename the finished build into place; if another job got there first, keep theirs (same key, same content)."""
+    try:
+        os.replace(tmp, target)  # atomic: the cache entry appears complete or not at all
+    except OSError:
+        if not (target / "stats.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def builder_first(scope: str) -> Iterator[bool]:
+    """Yield True on the process that prepares (global rank 0, or each node's local rank 0 for scope=node).
+
+    The others wait at a barrier until every builder is done; barriers are collective, so every rank passes
+    exactly one, before (waiters) or after (builders) the work.
+    """
+    first = dist.world().local_rank == 0 if scope == "node" else dist.is_main()
+    if not first:
+        dist.barrier()
+    yield first
+    if first:
+        dist.barrier()
+
+
 def prepare_dataset(data_cfg: Any, tokenizer: Any) -> PreparedData:
-    """Load the prepared splits from cache, building them first (on rank 0) when absent."""
+    """Load the prepared splits from cache, building them first (on rank 0 / local rank 0) when absent."""
     from datasets import load_from_disk
 
     cache_root = Path(os.path.expanduser(data_cfg.cache_dir))
     cache_root.mkdir(parents=True, exist_ok=True)
     target = cache_root / cache_key(data_cfg, tokenizer)
     error = None
-    with dist.main_first():
-        if dist.is_main() and not target.exists():
+    with builder_first(data_cfg.cache_scope) as builds:
+        if builds and not target.exists():
             try:
                 _build(data_cfg, tokenizer, target)
             except UserError as err:  # other ranks must not hang at the barrier: they learn of it below
@@ -107,7 +236,8 @@ def prepare_dataset(data_cfg: Any, tokenizer: Any) -> PreparedData:
     if error is not None:
         raise error
     if not target.exists():
-        raise DataError("data preparation failed on rank 0 (see its message)", data_cfg.path)
+        raise DataError("data preparation failed on the preparing rank (see its message)", str(target))
     parts = load_from_disk(str(target / "data"))
     stats = json.loads((target / "stats.json").read_text())
     return PreparedData(train=parts["train"], test=parts["test"], stats=stats, cache_path=target)
+

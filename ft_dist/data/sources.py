@@ -1,20 +1,100 @@
-"""Read instruction-response records from JSONL / JSON / CSV / Parquet files or HF datasets.
+"""Read instruction-response and chat records from files, folders, globs or HF datasets, mixed from several sources.
 
-Records come out as `{"source_line", "prompt", "context", "response"}` whatever the user's field names. Errors name the file and
-line (with a snippet of the bad line) and, for a missing field, the fields that do exist and the key to set.
+Records come out in one schema whatever the user's field names (`RECORD_FEATURES`): `prompt`, `context`,
+`response` (for chat data: the last user turn and the last assistant turn) and `messages` (the turns; empty for
+prompt/response data). Errors name the file and line (with a snippet of the bad line) and, for a missing field,
+the fields that do exist and the key to set. With `data.on_error=skip` a bad line becomes a row with `status`
+SKIPPED and its message in `error`, so the pipeline can count and report it without holding anything in memory.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+from ft_dist.data.schema import HF_PREFIX
 from ft_dist.errors import DataError
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-HF_PREFIX = "hf:"
+OK, SKIPPED, EMPTY = 0, 1, 2
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant",
+         "tool": "tool"}
+
+
+def record_features() -> Any:
+    """The Arrow schema of normalised records (a function: importing datasets is slow, keep it lazy)."""
+    from datasets import Features, List as ListFeature, Value
+
+    return Features({
+        "source_id": Value("int32"), "source": Value("string"), "source_line": Value("int64"),
+        "prompt": Value("string"), "context": Value("string"), "response": Value("string"),
+        "messages": ListFeature({"role": Value("string"), "content": Value("string")}),
+        "status": Value("int8"), "error": Value("string"),
+    })
+
+
+@dataclass(frozen=True)
+class Source:
+    """One configured source with its field names resolved (per-source values over the top-level ones)."""
+
+    index: int
+    name: str
+    path: str
+    weight: float
+    hf_split: str
+    hf_revision: Optional[str]
+    prompt_field: str
+    response_field: str
+    context_field: Optional[str]
+    messages_field: Optional[str]
+    key_prefix: str
+    """`data` or `data.sources[i]`: where a field name is set, for error messages."""
+
+
+def configured_sources(data_cfg: Any) -> List[Source]:
+    """`data.sources` (or the single `data.path`) with inherited field names filled in."""
+    def pick(src: Any, key: str) -> Any:
+        own = getattr(src, key, None) if src is not None else None
+        return own if own is not None else getattr(data_cfg, key)
+
+    entries = list(data_cfg.sources) if data_cfg.sources else [None]
+    out = []
+    for i, src in enumerate(entries):
+        path = src.path if src is not None else data_cfg.path
+        out.append(Source(
+            index=i, name=(src.name if src is not None and src.name else path), path=path,
+            weight=float(src.weight) if src is not None else 1.0,
+            hf_split=pick(src, "hf_split"), hf_revision=pick(src, "hf_revision"),
+            prompt_field=pick(src, "prompt_field"), response_field=pick(src, "response_field"),
+            context_field=pick(src, "context_field"), messages_field=pick(src, "messages_field"),
+            key_prefix=f"data.sources[{i}]" if src is not None else "data"))
+    return out
+
+
+def resolve_files(path: str) -> List[Path]:
+    """The data files behind a file, folder (its files of known types, sorted) or glob (sorted matches)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in FORMATS)
+        if not files:
+            raise DataError(f"no {', '.join(FORMATS)} files in this folder", str(p))
+    elif glob.has_magic(str(p)):
+        files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+        if not files:
+            raise DataError("the glob matches no files", str(p))
+    else:
+        raise DataError("no such file or folder", str(p))
+    for f in files:
+        if f.suffix.lower() not in FORMATS:
+            raise DataError(f"unknown file type {f.suffix!r}; expected one of {', '.join(FORMATS)}", str(f))
+    return files
 
 
 def _snippet(text: str, width: int = 80) -> str:
@@ -22,23 +102,27 @@ def _snippet(text: str, width: int = 80) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple]:
+Row = Tuple[int, Union[Dict[str, Any], DataError]]
+
+
+def _read_jsonl(path: Path) -> Iterator[Row]:
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(f"not UTF-8 text (byte {err.start} of this line); re-encode the file as UTF-8", str(path), lineno)
+                yield lineno, DataError(f"not UTF-8 text (byte {err.start} of this line); re-encode the file as UTF-8",
+                                        str(path), lineno)
+                continue
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"malformed JSON ({err.msg}, column {err.colno}): {_snippet(line)!r}", str(path), lineno)
-            yield lineno, row
+                yield lineno, DataError(f"malformed JSON ({err.msg}, column {err.colno}): {_snippet(line)!r}", str(path), lineno)
 
 
-def _read_json(path: Path) -> Iterator[tuple]:
+def _read_json(path: Path) -> Iterator[Row]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -46,7 +130,8 @@ def _read_json(path: Path) -> Iterator[tuple]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        line = text.splitlines()[err.lineno - 1] if text.splitlines() else ""
+        lines = text.splitlines()
+        line = lines[err.lineno - 1] if lines else ""
         raise DataError(f"malformed JSON ({err.msg}, column {err.colno}): {_snippet(line)!r}", str(path), err.lineno)
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -57,7 +142,7 @@ def _read_json(path: Path) -> Iterator[tuple]:
         yield i, row
 
 
-def _read_csv(path: Path) -> Iterator[tuple]:
+def _read_csv(path: Path) -> Iterator[Row]:
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
@@ -67,7 +152,7 @@ def _read_csv(path: Path) -> Iterator[tuple]:
         raise DataError(f"not UTF-8 text (byte {err.start}); re-encode the file as UTF-8", str(path))
 
 
-def _read_parquet(path: Path) -> Iterator[tuple]:
+def _read_parquet(path: Path) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     try:
@@ -81,73 +166,137 @@ def _read_parquet(path: Path) -> Iterator[tuple]:
             yield row_no, row
 
 
-def _read_hf(name: str, split: str, revision: Optional[str]) -> Iterator[tuple]:
+def _read_hf(name: str, split: str, revision: Optional[str]) -> Iterator[Row]:
     from datasets import load_dataset
 
     try:
         ds = load_dataset(name, split=split, revision=revision)
     except Exception as err:  # hub/network/format errors all mean: this id cannot be read here
-        raise DataError(f"could not load HF dataset {name!r} (split {split!r}): {str(err).splitlines()[0]}")
+        raise DataError(f"could not load HF dataset {name!r} (split {split!r}, revision {revision!r}): "
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
     for i, row in enumerate(ds, start=1):
         yield i, row
 
 
-def _rows(path: str, data_cfg: Any) -> Iterator[tuple]:
-    if path.startswith(HF_PREFIX):
-        yield from _read_hf(path[len(HF_PREFIX):], data_cfg.hf_split, data_cfg.hf_revision)
+def _rows(source: Source) -> Iterator[Tuple[str, int, Union[Dict[str, Any], DataError]]]:
+    if source.path.startswith(HF_PREFIX):
+        for lineno, row in _read_hf(source.path[len(HF_PREFIX):], source.hf_split, source.hf_revision):
+            yield source.path, lineno, row
         return
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DataError("no such file (data.path)", str(p))
-    fmt = FORMATS.get(p.suffix.lower())
-    if fmt is None:
-        raise DataError(f"unknown file type {p.suffix!r}; expected one of {', '.join(FORMATS)}", str(p))
-    if p.stat().st_size == 0:
-        raise DataError("the file is empty", str(p))
-    yield from {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[fmt](p)
+    readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
+    for f in resolve_files(source.path):
+        if f.stat().st_size == 0:
+            raise DataError("the file is empty", str(f))
+        for lineno, row in readers[FORMATS[f.suffix.lower()]](f):
+            yield str(f), lineno, row
 
 
-def _field(row: Dict[str, Any], name: str, key: str, where: str, lineno: int) -> str:
+def _missing(row: Dict[str, Any], name: str, key: str, where: str, lineno: int) -> DataError:
+    present = ", ".join(sorted(map(str, row))) or "none"
+    hint = ""
+    if key.endswith("prompt_field") and any(k in row for k in ("messages", "conversations")):
+        found = "messages" if "messages" in row else "conversations"
+        hint = f"; chat data? set data.messages_field={found} and data.template=chatml or tokenizer"
+    return DataError(f"missing field {name!r} (set {key}); fields present: {present}{hint}", where, lineno)
+
+
+def _text(row: Dict[str, Any], name: str, key: str, where: str, lineno: int) -> str:
     if name not in row:
-        present = ", ".join(sorted(map(str, row))) or "none"
-        raise DataError(f"missing field {name!r} (set {key}); fields present: {present}", where, lineno)
+        raise _missing(row, name, key, where, lineno)
     value = row[name]
     return "" if value is None else str(value)
 
 
-def read_records(data_cfg: Any) -> Iterator[Dict[str, str]]:
-    """Yield normalised records from `data.path`, in file order."""
-    where = data_cfg.path
-    count = 0
-    for lineno, row in _rows(data_cfg.path, data_cfg):
-        if not isinstance(row, dict):
-            raise DataError(f"expected an object with fields, got {type(row).__name__}", where, lineno)
-        count += 1
-        yield {
-            "source_line": lineno,
-            "prompt": _field(row, data_cfg.prompt_field, "data.prompt_field", where, lineno),
-            "context": _field(row, data_cfg.context_field, "data.context_field", where, lineno) if data_cfg.context_field else "",
-            "response": _field(row, data_cfg.response_field, "data.response_field", where, lineno),
-        }
-    if count == 0:
-        raise DataError("no records found", where)
+def normalise_messages(value: Any, where: str, lineno: int) -> List[Dict[str, str]]:
+    """Turns as [{role, content}] with roles system/user/assistant/tool (ShareGPT's from/value accepted)."""
+    if isinstance(value, str):  # CSV cells hold the list as JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise DataError(f"messages field is not a JSON list ({err.msg})", where, lineno)
+    if not isinstance(value, list):
+        raise DataError(f"expected messages as a list of {{role, content}} objects, got {type(value).__name__}", where, lineno)
+    out = []
+    for turn in value:
+        if not isinstance(turn, dict):
+            raise DataError(f"expected each message to be an object, got {type(turn).__name__}", where, lineno)
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role is None or content is None and "content" not in turn:
+            raise DataError(f"expected each message to have role and content; got fields {', '.join(sorted(turn))}", where, lineno)
+        if str(role) not in ROLES:
+            raise DataError(f"unknown message role {role!r}; expected one of {', '.join(ROLES)}", where, lineno)
+        out.append({"role": ROLES[str(role)], "content": "" if content is None else str(content)})
+    return out
+
+
+def _chat_record(messages: List[Dict[str, str]]) -> Dict[str, Any]:
+    """prompt/response of a conversation: its last user turn and last assistant turn (trailing turns dropped)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    if last < 0:
+        return {"prompt": "", "context": "", "response": "", "messages": messages}
+    prompt = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
+    return {"prompt": prompt, "context": "", "response": messages[last]["content"], "messages": messages[:last + 1]}
+
+
+def _normalise(row: Any, source: Source, where: str, lineno: int) -> Dict[str, Any]:
+    if not isinstance(row, dict):
+        raise DataError(f"expected an object with fields, got {type(row).__name__}", where, lineno)
+    if source.messages_field:
+        if source.messages_field not in row:
+            raise _missing(row, source.messages_field, f"{source.key_prefix}.messages_field", where, lineno)
+        return _chat_record(normalise_messages(row[source.messages_field], where, lineno))
+    context = _text(row, source.context_field, f"{source.key_prefix}.context_field", where, lineno) if source.context_field else ""
+    return {
+        "prompt": _text(row, source.prompt_field, f"{source.key_prefix}.prompt_field", where, lineno),
+        "context": context,
+        "response": _text(row, source.response_field, f"{source.key_prefix}.response_field", where, lineno),
+        "messages": [],
+    }
+
+
+def iter_records(data_cfg: Any) -> Iterator[Dict[str, Any]]:
+    """Normalised records of every source, in order; bad lines raise, or (on_error=skip) come out as SKIPPED rows.
+
+    A `datasets.Dataset.from_generator` generator: rows stream to Arrow files, nothing accumulates in memory.
+    """
+    skip = data_cfg.on_error == "skip"
+    taken = 0
+    for source in configured_sources(data_cfg):
+        count = 0
+        for where, lineno, row in _rows(source):
+            base = {"source_id": source.index, "source": source.name, "source_line": lineno, "error": ""}
+            try:
+                if isinstance(row, DataError):
+                    raise row
+                rec = _normalise(row, source, where, lineno)
+            except DataError as err:
+                if not skip:
+                    raise
+                yield {**base, "prompt": "", "context": "", "response": "", "messages": [], "status": SKIPPED,
+                       "error": str(err)}
+                continue
+            blank = not rec["response"].strip() or not (rec["prompt"].strip() or rec["messages"])
+            count += 1
+            taken += 1
+            yield {**base, **rec, "status": EMPTY if blank else OK}
+            if data_cfg.limit and taken >= data_cfg.limit:
+                return
+        if count == 0:
+            raise DataError("no records found", source.path)
 
 
 def content_fingerprint(data_cfg: Any) -> str:
-    """A hash of the source's bytes (or the HF id and revision), part of the prepared-data cache key."""
-    import hashlib
-
-    if data_cfg.path.startswith(HF_PREFIX):
-        return f"{data_cfg.path}@{data_cfg.hf_revision}/{data_cfg.hf_split}"
+    """A hash of every source's bytes (or HF id, revision and split): part of the prepared-data cache key."""
     h = hashlib.sha256()
-    p = Path(data_cfg.path).expanduser()
-    if not p.is_file():
-        raise DataError("no such file (data.path)", str(p))
-    with p.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    for source in configured_sources(data_cfg):
+        h.update(f"{source.name}|{source.weight}|".encode())
+        if source.path.startswith(HF_PREFIX):
+            h.update(f"{source.path}@{source.hf_revision}/{source.hf_split}".encode())
+            continue
+        for f in resolve_files(source.path):
+            h.update(str(f).encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
     return h.hexdigest()
-
-
-def list_fields(records: List[Dict[str, Any]]) -> List[str]:
-    return sorted({k for r in records for k in r})

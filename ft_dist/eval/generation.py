@@ -6,6 +6,7 @@ back in the original order. Under torchrun each rank generates its share and ran
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence
 
@@ -36,7 +37,9 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
     results: List[Generation] = [Generation("", False)] * len(prompts)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc="generate", disable=not (progress and dist.is_main()), leave=False):
+    # One bar on rank 0; FT_DIST_NO_PROGRESS=1 (tests, logs to files) turns it off as for the training bar.
+    show = progress and dist.is_main() and os.environ.get("FT_DIST_NO_PROGRESS") != "1"
+    for idx in tqdm(batches, desc="generate", disable=not show, leave=False):
         width = max(len(encoded[i]) for i in idx)
         # Left padding: every prompt ends where generation starts.
         ids = torch.full((len(idx), width), pad, dtype=torch.long)

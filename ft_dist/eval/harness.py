@@ -23,6 +23,10 @@ LOCAL_TASK_NAME = "ft_dist_mc"
 """Task name of a local item file unless another is given."""
 
 
+class TaskDataUnreachable(UserError):
+    """A named task's data lives on the hub, and neither the hub nor a cached copy can be reached."""
+
+
 def harness_available() -> bool:
     """Whether lm-eval is importable (else use `multiple_choice.score_multiple_choice`)."""
     try:
@@ -194,7 +198,7 @@ def run_harness(
         )
     except ConnectionError as err:
         # datasets raises ConnectionError when a task's data lives on the hub and the hub is out of reach.
-        raise UserError(
+        raise TaskDataUnreachable(
             f"lm-eval task data not reachable ({err}); named tasks download from the Hugging Face hub: run with hub "
             "access or a filled HF_DATASETS_CACHE, or pass local items"
         ) from err

@@ -17,4 +17,16 @@ def build_strategy(cfg: Any, world: World) -> Strategy:
         from ft_dist.strategies.single import SingleDevice
 
         return SingleDevice(cfg, world)
-    raise ConfigError("strategy.name", f"strategy {name!r} is not available in this build; expected single")
+    if not world.launched:
+        raise ConfigError("strategy", f"{name} needs several processes; launch with torchrun --nproc_per_node N, or use strategy=single")
+    if name == "ddp":
+        from ft_dist.strategies.ddp import DDP
+
+        return DDP(cfg, world)
+    if name == "fsdp":
+        from ft_dist.strategies.fsdp import FSDP2
+
+        return FSDP2(cfg, world)
+    from ft_dist.strategies.deepspeed import DeepSpeedZero
+
+    return DeepSpeedZero(cfg, world)

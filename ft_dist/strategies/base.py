@@ -16,7 +16,8 @@ from torch import nn
 from ft_dist.dist import World
 from ft_dist.errors import ConfigError
 
-ModelFactory = Callable[[], nn.Module]
+# Builds the (PEFT-wrapped) model; `meta=True` asks for structure only, to be filled in shard by shard.
+ModelFactory = Callable[..., nn.Module]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,6 +31,30 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ConfigError("train.precision", f"{torch.cuda.get_device_name()} has no bf16 (needs sm80+, e.g. A100/H100); use fp16 on V100")
 
 
+def non_persistent_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Buffers that state_dict() leaves out (e.g. rotary inv_freq): a meta-built model must get them separately."""
+    persistent = set(model.state_dict().keys())
+    return {n: b.detach().cpu() for n, b in model.named_buffers() if n not in persistent}
+
+
+def load_buffers(model: nn.Module, buffers: Dict[str, torch.Tensor]) -> None:
+    for name, value in buffers.items():
+        module_name, _, buf_name = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        module._buffers[buf_name] = value.to(module._buffers[buf_name].device if module._buffers[buf_name] is not None
+                                             and not module._buffers[buf_name].is_meta else "cpu")
+
+
+def replica_from_state(build_model: ModelFactory, state: Dict[str, torch.Tensor], buffers: Dict[str, torch.Tensor],
+                       device: torch.device) -> nn.Module:
+    """A plain full model from gathered weights, built on meta first so no random init is paid for."""
+    model = build_model(meta=True)
+    model.to_empty(device="cpu")
+    model.load_state_dict(state)
+    load_buffers(model, buffers)
+    return model.to(device)
+
+
 class Strategy(ABC):
     """Build, wrap, step and save one model across `world`."""
 
@@ -40,6 +65,13 @@ class Strategy(ABC):
         check_precision(self.precision, world.device)
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
+
+    can_skip_steps = True
+    """Whether a step with a non-finite loss/gradient can be dropped and training go on (see skip_step)."""
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients without updating anything."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     @property
     def dp_size(self) -> int:
@@ -67,13 +99,50 @@ class Strategy(ABC):
     def step(self, max_grad_norm: float) -> float:
         """Clip, apply the optimizer, zero the gradients. Returns the pre-clip global gradient norm."""
 
+    def clip_and_step(self, params: Iterable[nn.Parameter], max_grad_norm: float) -> float:
+        """The torch-native step (single, DDP, FSDP2): unscale (fp16), clip, step, zero. Returns the pre-clip norm."""
+        self.scaler.unscale_(self.optimizer)
+        trainable = [p for p in params if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a DTensor over the shards
+            norm = norm.full_tensor()
+        if not torch.isfinite(norm) and not self.scaler.is_enabled():
+            self.optimizer.zero_grad(set_to_none=True)  # never apply a NaN/Inf update; the loop counts it
+            return float(norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def inference_model(self) -> nn.Module:
+        """A full model this rank can run alone (generation, export). Sharded strategies build a replica."""
+        return self.unwrapped()
+
     def unwrapped(self) -> nn.Module:
         """The plain (PEFT-wrapped or not) HF model, for generation and export."""
         return self.model
 
     @abstractmethod
-    def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
-        """The full, unsharded model weights on rank 0 (None on other ranks)."""
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The full, unsharded model weights on CPU, on every rank (a collective for sharded strategies)."""
+
+    # --- checkpoint state: one portable format (torch.distributed.checkpoint, keyed by parameter name) --------
+    def checkpoint_state(self) -> Dict[str, Any]:
+        """{"model": ..., "optim": ...} as torch's state-dict API gives them (sharded DTensors under FSDP2).
+
+        Keys are parameter names, never positions or ranks, so a checkpoint loads at any world size and under
+        any torch-native strategy (DCP reshards on load).
+        """
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
+        """Apply a state loaded in place into the structure `checkpoint_state()` returned."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def close(self) -> None:
         """Release engine resources; the process group itself is closed by ft_dist.dist.close()."""

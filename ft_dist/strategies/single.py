@@ -21,13 +21,7 @@ class SingleDevice(Strategy):
         self.scaler.scale(loss).backward()
 
     def step(self, max_grad_norm: float) -> float:
-        self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return self.clip_and_step(self.model.parameters(), max_grad_norm)
 
     def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

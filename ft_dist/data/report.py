@@ -1,0 +1,134 @@
+"""`ft-data report data=...`: prepare a dataset exactly as training would, and report on its quality.
+
+The report covers counts (records, skipped lines, empty fields, duplicates, train/test, per source), the token-
+length distribution (a text table and a PNG histogram), truncation and drops, the share of loss tokens, packing
+efficiency when packing is on, and responses with the problems classic error analysis looks for: repetition
+loops and overly long answers, found by the detectors of ft_dist.eval.error_analysis. Files written to
+`output_dir`: report.json, report.md (the printed text), lengths.png, flagged.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+import numpy as np
+
+from ft_dist import dist
+from ft_dist.data.prepare import PreparedData, prepare_dataset
+
+
+def _responses(prepared: PreparedData) -> Iterator[Dict[str, Any]]:
+    """Every example's response with where it came from (the unpacked test split, and train when unpacked)."""
+    for split in ("train", "test"):
+        ds = getattr(prepared, split)
+        if "response" not in ds.column_names:  # packed rows hold no text
+            continue
+        for batch in ds.select_columns(["source", "source_line", "prompt", "response"]).iter(batch_size=1000):
+            for source, line, prompt, response in zip(batch["source"], batch["source_line"], batch["prompt"], batch["response"]):
+                yield {"split": split, "source": source, "source_line": line, "prompt": prompt, "response": response}
+
+
+def flag_responses(prepared: PreparedData, long_ratio: float) -> Dict[str, Any]:
+    """Responses that loop (find_repetition) or run far past the typical length (find_too_long vs the median)."""
+    from ft_dist.eval.error_analysis import Thresholds, find_repetition, find_too_long, words
+
+    word_counts = np.array([len(words(r["response"])) for r in _responses(prepared)])
+    median = max(int(np.median(word_counts)), 1) if len(word_counts) else 1
+    typical = ["w"] * median  # a median-length stand-in for the reference find_too_long compares against
+    thresholds = Thresholds(max_length_ratio=long_ratio)
+    flagged: List[Dict[str, Any]] = []
+    counts = {"repetition": 0, "too_long": 0}
+    for rec in _responses(prepared):
+        tokens = words(rec["response"])
+        for tag in (find_repetition(tokens), find_too_long(tokens, typical, thresholds)):
+            if tag is not None:
+                counts[tag.category] += 1
+                flagged.append({**rec, "category": tag.category, "detail": tag.detail})
+    return {"median_response_words": median, "counts": counts, "flagged": flagged}
+
+
+def length_table(stats: Dict[str, Any]) -> str:
+    """The token-length histogram as text: one line per bin with a bar."""
+    hist = stats["lengths"]["histogram"]
+    top = max(hist["counts"]) or 1
+    lines = [f"{'tokens':>13} {'examples':>9}"]
+    for lo, hi, n in zip(hist["edges"], hist["edges"][1:], hist["counts"]):
+        lines.append(f"{lo:>5} - {hi:<5} {n:>9} {'#' * round(40 * n / top)}")
+    return "\n".join(lines)
+
+
+def plot_lengths(stats: Dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    hist = stats["lengths"]["histogram"]
+    edges = hist["edges"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", edgecolor="black")
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    ax.set_title(f"token lengths (median {stats['lengths'].get('p50', 0)}, p99 {stats['lengths'].get('p99', 0)})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render_text(name: str, stats: Dict[str, Any], flags: Dict[str, Any], max_flagged: int) -> str:
+    s = stats
+    lines = [
+        f"data report: {name}",
+        f"records {s['records']}  skipped lines {s['skipped']}  empty {s['empty']}  duplicates {s['duplicates']}",
+        f"train {s['train']}  test {s['test']}  train/test overlap {s['train_test_overlap']}",
+        f"truncated {s['truncated']}  dropped (over-long) {s['dropped']}",
+        f"tokens {s['tokens']}  loss tokens {s['loss_tokens']} ({100 * s['loss_token_share']:.1f} %)",
+    ]
+    if "packing" in s:
+        p = s["packing"]
+        lines.append(f"packing: {p['examples']} examples in {p['rows']} rows, {100 * p['efficiency']:.1f} % non-pad")
+    lines += [f"  {e}" for e in s["skipped_examples"]]
+    lines.append("per source:")
+    lines += [f"  {src}: train {c['train']}  test {c['test']}" for src, c in s["per_source"].items()]
+    ls = s["lengths"]
+    lines.append("token lengths: " + "  ".join(f"{k} {ls[k]}" for k in ("min", "p25", "p50", "p75", "p95", "p99", "max") if k in ls))
+    lines.append(length_table(s))
+    lines.append(f"responses flagged: repetition {flags['counts']['repetition']}, overly long {flags['counts']['too_long']} "
+                 f"(> {flags.get('long_ratio', '')}x the median {flags['median_response_words']} words)")
+    for f in flags["flagged"][:max_flagged]:
+        lines.append(f"  [{f['category']}] {f['source']}:{f['source_line']}: {f['detail']}")
+    return "\n".join(lines)
+
+
+def run(cfg: Any) -> int:
+    """Entry point of `ft-data` (action=report)."""
+    from omegaconf import OmegaConf
+
+    from ft_dist.models import load_tokenizer
+
+    out = Path(cfg.output_dir)
+    tokenizer = load_tokenizer(cfg.model)
+    # Example-level analysis needs each example's text, which packed rows no longer hold: analyse the unpacked
+    # preparation (same records, split and tokens) and take the packing figures from the packed one.
+    unpacked_cfg = OmegaConf.merge(cfg.data, {"packing": False})
+    prepared = prepare_dataset(unpacked_cfg, tokenizer)
+    if cfg.data.packing:
+        prepared.stats["packing"] = prepare_dataset(cfg.data, tokenizer).stats["packing"]
+    flags = flag_responses(prepared, cfg.long_ratio)
+    flags["long_ratio"] = cfg.long_ratio
+    text = render_text(cfg.data.name, prepared.stats, flags, cfg.max_flagged)
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        plot_lengths(prepared.stats, out / "lengths.png")
+        (out / "report.md").write_text(text + "\n")
+        report = {"stats": prepared.stats, "flag_counts": flags["counts"], "median_response_words": flags["median_response_words"],
+                  "cache": str(prepared.cache_path)}
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        with (out / "flagged.jsonl").open("w") as fh:
+            for f in flags["flagged"]:
+                fh.write(json.dumps(f) + "\n")
+    dist.log(text)
+    dist.log(f"\nreport: {out / 'report.md'}  histogram: {out / 'lengths.png'}  flagged: {out / 'flagged.jsonl'}")
+    return 0

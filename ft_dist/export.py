@@ -1,0 +1,24 @@
+"""`ft-export`: a checkpoint of any strategy/world size -> an HF model dir, using the run's own saved config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ft_dist import dist
+from ft_dist.checkpoint import CHECKPOINTS, export_checkpoint, find_resume_checkpoint
+from ft_dist.errors import ConfigError
+
+
+def run(cfg: DictConfig) -> int:
+    checkpoint = find_resume_checkpoint(cfg.checkpoint, Path("."), key="checkpoint")
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
+    if run_dir is None or not (run_dir / "config.yaml").exists():
+        raise ConfigError("checkpoint", f"expected <run dir>/checkpoints/step-N with the run's config.yaml, got {str(checkpoint)!r}")
+    from ft_dist import cli  # noqa: F401  (registers the resolvers the saved config may still name)
+
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    out = export_checkpoint(run_cfg, checkpoint, Path(cfg.output), merge_lora=cfg.merge_lora)
+    dist.log(f"exported {checkpoint} -> {out}")
+    return 0

@@ -1,0 +1,37 @@
+"""DistributedDataParallel: a full replica per rank, gradients all-reduced (bucketed, overlapped with backward)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ft_dist.strategies.base import ModelFactory, OptimizerFactory, Strategy
+
+
+class DDP(Strategy):
+    def setup(self, build_model: ModelFactory, build_optimizer: Optional[OptimizerFactory]) -> None:
+        self.module = build_model().to(self.world.device)
+        dev = self.world.device
+        # Bucket views: gradients live in the all-reduce buckets instead of a second copy.
+        self.model = DistributedDataParallel(self.module, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                             gradient_as_bucket_view=True)
+        if build_optimizer is not None:
+            self.optimizer = build_optimizer([p for p in self.module.parameters() if p.requires_grad])
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.precision == "fp16")
+
+    def backward(self, loss: torch.Tensor, sync: bool) -> None:
+        # Skip the all-reduce on all but the last micro-batch of a step: accumulate locally, reduce once.
+        with contextlib.nullcontext() if sync else self.model.no_sync():
+            self.scaler.scale(loss).backward()
+
+    def step(self, max_grad_norm: float) -> float:
+        return self.clip_and_step(self.module.parameters(), max_grad_norm)
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.module
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}

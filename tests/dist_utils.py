@@ -1,0 +1,70 @@
+"""Helpers for multi-process tests: a saved tiny model and real torchrun launches on CPU/gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+
+from conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def save_tiny_model(path: Path, hidden: int = 64, layers: int = 2) -> Path:
+    """A from-config tiny Llama saved as a pretrained dir, so every strategy loads identical weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ft_dist.models import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def env(extra: Dict[str, str] | None = None) -> Dict[str, str]:
+    e = {**os.environ, "FT_DIST_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    e.pop("WORLD_SIZE", None)
+    e.pop("MASTER_ADDR", None)
+    return {**e, **(extra or {})}
+
+
+def torchrun(args: Sequence[str], nproc: int = 2, extra_env: Dict[str, str] | None = None, timeout: float = 600,
+             launcher: Sequence[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = list(launcher or [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                            "--master_port", str(free_port())])
+    return subprocess.run([*cmd, str(REPO / "launch" / "train.py"), *args], cwd=REPO, env=env(extra_env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def single(args: Sequence[str], extra_env: Dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args], cwd=REPO, env=env(extra_env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> List[float]:
+    return [m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+
+def final_weights(run_dir: Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def digests(run_dir: Path) -> List[dict]:
+    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("param_digest.rank*.json"))]

@@ -1,0 +1,239 @@
+"""Checkpoints with real processes and real signals: exact and elastic resume, preemption, kills, export.
+
+Exact resume is bitwise (fp32 on CPU, torch AdamW inside every engine). Elastic resume (2 -> 1, 1 -> 2 ranks)
+changes only the order of floating-point reductions, so it is checked to atol 2e-5 after the remaining steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+
+from conftest import REPO
+from dist_utils import env, final_weights, free_port, losses, save_tiny_model, single, torchrun
+
+pytestmark = pytest.mark.slow
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def args(model_dir: Path, cache_dir: Path, out: Path, *extra: str) -> List[str]:
+    return [f"model.name_or_path={model_dir}", "model.from_config=false", "model.tokenizer=embedded:char",
+            f"data.cache_dir={cache_dir}", "data.limit=400", "data.test_size=40", f"train.max_steps={STEPS}",
+            "train.save_every=3", "train.log_every=1", "train.eval_every=0", "train.warmup_steps=2", "train.lr=1e-3",
+            "eval.before_training=false", "eval.max_examples=4", "eval.max_new_tokens=4", f"output_dir={out}", *extra]
+
+
+TWO = ["train.micro_batch_size=2", "train.grad_accum=2"]          # x 2 ranks = global batch 8
+ONE = ["train.micro_batch_size=4", "train.grad_accum=2"]          # x 1 rank  = global batch 8
+ONE_OF_TWO = ["train.micro_batch_size=2", "train.grad_accum=4"]   # x 1 rank  = global batch 8
+
+
+def launch(strategy: str, a: List[str], nproc: int, extra_env: Dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    if strategy == "single":
+        proc = single(a, extra_env=extra_env)
+    else:
+        proc = torchrun([*a, f"strategy={strategy}"], nproc=nproc, extra_env=extra_env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(model_dir, cache_dir, tmp_path_factory):
+    """One uninterrupted run per strategy (2 ranks; `single` 1 rank), each checkpointing at steps 3 and 6."""
+    cache: Dict[str, Path] = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in cache:
+            out = tmp_path_factory.mktemp(f"full-{strategy}")
+            launch(strategy, args(model_dir, cache_dir, out, *(ONE if strategy == "single" else TWO)), 2)
+            cache[strategy] = out
+        return cache[strategy]
+
+    return get
+
+
+def step_dir(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step:08d}"
+
+
+def assert_same_weights(a: Path, b: Path, exact: bool) -> None:
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        if exact:
+            assert torch.equal(wa[k], wb[k]), k
+        else:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=2e-5, msg=k)
+
+
+@pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp", "zero2", "zero3"])
+def test_exact_resume_is_bitwise(strategy, model_dir, cache_dir, uninterrupted, tmp_path):
+    full = uninterrupted(strategy)
+    assert (step_dir(full, 3) / "COMPLETE").exists() and json.loads((step_dir(full, 3) / "meta.json").read_text())["samples_consumed"] == 24
+    proc = launch(strategy, args(model_dir, cache_dir, tmp_path, f"train.resume={step_dir(full, 3)}",
+                                 *(ONE if strategy == "single" else TWO)), 2)
+    assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
+    assert losses(tmp_path) == losses(full)[3:]
+    assert_same_weights(tmp_path, full, exact=True)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
+def test_resume_two_ranks_to_one(strategy, model_dir, cache_dir, uninterrupted, tmp_path):
+    full = uninterrupted(strategy)
+    proc = launch(strategy, args(model_dir, cache_dir, tmp_path, f"train.resume={step_dir(full, 3)}", *ONE_OF_TWO), 1)
+    assert "saved by world size 2" in proc.stdout and "x world 1" in proc.stdout
+    torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(full)[3:]), rtol=1e-4, atol=1e-5)
+    assert_same_weights(tmp_path, full, exact=False)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
+def test_resume_one_rank_to_two(strategy, model_dir, cache_dir, uninterrupted, tmp_path):
+    full = uninterrupted("single")  # written by one process with the single-device strategy
+    proc = launch(strategy, args(model_dir, cache_dir, tmp_path, f"train.resume={step_dir(full, 3)}", *TWO), 2)
+    assert "saved by world size 1" in proc.stdout
+    torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(full)[3:]), rtol=1e-4, atol=1e-5)
+    assert_same_weights(tmp_path, full, exact=False)
+
+
+def wait_for(predicate, timeout: float = 180.0, what: str = "") -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def logged_steps(run: Path) -> int:
+    f = run / "metrics.jsonl"
+    return sum(1 for line in f.read_text().splitlines() if '"loss"' in line) if f.exists() else 0
+
+
+def worker_pids(parent: int) -> List[int]:
+    with open(f"/proc/{parent}/task/{parent}/children") as fh:
+        return [int(p) for p in fh.read().split()]
+
+
+LONG = 40
+
+
+def test_sigusr1_saves_within_a_step_and_exits_85_then_resumes(model_dir, cache_dir, tmp_path):
+    a = args(model_dir, cache_dir, tmp_path / "run", f"train.max_steps={LONG}", "train.save_every=0", *TWO, "strategy=ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "launch" / "train.py"), *a]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: logged_steps(tmp_path / "run") >= 3, what="3 training steps")
+    seen = logged_steps(tmp_path / "run")
+    for pid in worker_pids(proc.pid):  # what slurm/ forwards from the batch shell
+        os.kill(pid, signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert "exitcode  : 85" in err and "preempted: checkpoint saved at step" in out, err[-3000:]
+    saved = [int(p.name.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").glob("step-*")]
+    assert len(saved) == 1 and seen <= saved[0] <= seen + 2 < LONG
+    assert (tmp_path / "run" / "PREEMPTED").exists()
+    resumed = torchrun(a)  # train.resume=auto (the default) continues in the same run dir
+    assert resumed.returncode == 0 and f"at step {saved[0]}" in resumed.stdout, resumed.stderr[-3000:]
+    assert not (tmp_path / "run" / "PREEMPTED").exists()
+    reference = torchrun(args(model_dir, cache_dir, tmp_path / "ref", f"train.max_steps={LONG}", "train.save_every=0",
+                              *TWO, "strategy=ddp"))
+    assert reference.returncode == 0
+    assert_same_weights(tmp_path / "run", tmp_path / "ref", exact=True)
+
+
+def test_sigterm_single_process_exit_code(model_dir, cache_dir, tmp_path):
+    a = args(model_dir, cache_dir, tmp_path, f"train.max_steps={LONG}", "train.save_every=0", *ONE)
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), *a], cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: logged_steps(tmp_path) >= 2, what="2 training steps")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 85
+    assert len(list((tmp_path / "checkpoints").glob("step-*/COMPLETE"))) == 1
+
+
+def test_kill_during_save_leaves_previous_checkpoint(model_dir, cache_dir, uninterrupted, tmp_path):
+    a = args(model_dir, cache_dir, tmp_path, "train.save_every=2", *ONE)
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), *a], cwd=REPO,
+                            env=env({"FT_DIST_TEST_SAVE_DELAY": "4:120"}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "checkpoints" / ".step-00000004.tmp" / "rank-0.pt"
+    wait_for(partial.exists, what="the step-4 save to be half written")
+    proc.kill()
+    proc.communicate()
+    assert (step_dir(tmp_path, 2) / "COMPLETE").exists() and not step_dir(tmp_path, 4).exists()
+    resumed = single(a)
+    assert resumed.returncode == 0 and "at step 2" in resumed.stdout, resumed.stderr[-3000:]
+    assert_same_weights(tmp_path, uninterrupted("single"), exact=True)
+
+
+def test_torchrun_restarts_after_a_rank_is_killed(model_dir, cache_dir, uninterrupted, tmp_path):
+    a = args(model_dir, cache_dir, tmp_path, "train.save_every=2", *TWO, "strategy=ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+           "--master_port", str(free_port()), str(REPO / "launch" / "train.py"), *a]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env({"FT_DIST_TEST_SAVE_DELAY": "4:120"}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for((tmp_path / "checkpoints" / ".step-00000004.tmp" / "rank-1.pt").exists, what="training past step 2")
+    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed from" in out and "at step 2" in out
+    assert_same_weights(tmp_path, uninterrupted("ddp"), exact=True)
+
+
+@pytest.mark.parametrize("strategy,lora", [("ddp", False), ("fsdp", False), ("zero3", False), ("fsdp", True), ("zero3", True)])
+def test_export_loads_with_plain_transformers(strategy, lora, model_dir, cache_dir, uninterrupted, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    if lora:
+        run = tmp_path / "run"
+        launch(strategy, args(model_dir, cache_dir, run, "peft=lora", "peft.r=4", *TWO), 2)
+    else:
+        run = uninterrupted(strategy)
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), f"checkpoint={step_dir(run, STEPS)}",
+                           f"output={tmp_path / 'hf'}"], cwd=REPO, env=env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    trained = final_weights(run)
+    exported = {k: v for k, v in model.state_dict().items() if k in trained}
+    assert exported.keys() == trained.keys()
+    for k in trained:
+        assert torch.equal(exported[k], trained[k]), k
+    assert (tmp_path / "hf" / "adapter" / "adapter_config.json").exists() == lora
+
+
+def test_resume_with_a_different_config_says_what_differs(model_dir, cache_dir, uninterrupted, tmp_path):
+    ckpt = step_dir(uninterrupted("single"), 3)
+    proc = single(args(model_dir, cache_dir, tmp_path, f"train.resume={ckpt}", *ONE, "train.lr=2e-3"))
+    assert proc.returncode == 2 and "train.lr: 0.001 in the checkpoint, 0.002 now" in proc.stderr
+    assert "train.resume_ignore_config=true" in proc.stderr and "Traceback" not in proc.stderr
+    proc = single(args(model_dir, cache_dir, tmp_path, f"train.resume={ckpt}", "train.micro_batch_size=4", "train.grad_accum=1"))
+    assert proc.returncode == 2 and "set train.grad_accum=2" in proc.stderr
+
+
+def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(model_dir, cache_dir, tmp_path):
+    proc = single(args(model_dir, cache_dir, tmp_path, "train.max_steps=30", "train.save_every=0", "train.lr=1e4",
+                       "train.max_grad_norm=0", "train.warmup_steps=0", "train.nonfinite_limit=2", *ONE))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "training diverged: 2 steps in a row" in proc.stderr
+    saved = sorted((tmp_path / "checkpoints").glob("step-*"))
+    assert saved and (saved[-1] / "COMPLETE").exists()
+    out = tmp_path / "hf"
+    assert subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), f"checkpoint={saved[-1]}", f"output={out}"],
+                          cwd=REPO, env=env(), capture_output=True).returncode == 0
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(out / "model.safetensors").values())
