@@ -145,7 +145,7 @@ def _entry(config_name: str, task_path: str, check: Callable[[Any], None] = vali
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 train = _entry("train", "ft_dist.train:run")
-evaluate = _entry("eval", "ft_dist.eval.run:run", verbs={"compare": "mode=compare", "mc": "mode=mc"})
+evaluate = _entry("eval", "ft_dist.eval.run:run", _import("ft_dist.eval.schema:validate_eval_run"), verbs={"compare": "mode=compare", "mc": "mode=mc"})
 generate = _entry("generate", "ft_dist.eval.run:generate")
 data = _entry("data", "ft_dist.data.report:run", _import("ft_dist.data.schema:validate_data_run"),
               verbs={"report": "action=report"})

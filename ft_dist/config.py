@@ -169,10 +169,12 @@ def register_configs() -> None:
     # Commands other than ft-train own their schema modules; each registers its primary config here.
     from ft_dist.data.schema import register as register_data
     from ft_dist.eval.schema import register as register_eval
+    from ft_dist.launch.schema import register as register_launch
     from ft_dist.planner.schema import register as register_plan
 
     register_data(cs)
     register_eval(cs)
+    register_launch(cs)
     register_plan(cs)
 
 

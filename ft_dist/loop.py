@@ -10,6 +10,7 @@ accumulation steps.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -140,6 +141,8 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
     start = last_save = time.time()
     window_tokens, window_start = 0.0, time.time()
     bad_in_a_row = 0
+    # Tests inject a real NaN into the loss from this step on, to drive the guard through backward and step.
+    poison_from = int(os.environ.get("FT_DIST_TEST_NAN_FROM_STEP", "0"))
     for step in range(start_step, steps):
         micro_batches = sampler.micro_batches(step)
         # Every rank can count the global batch's loss tokens from the precomputed column: no communication.
@@ -150,6 +153,8 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
             batch = _to(collate(examples_from_rows(rows), pad_id), world.device)
             with strategy.autocast():
                 out = strategy.model(**batch, use_cache=False, num_items_in_batch=n_global)
+            if poison_from and step + 1 >= poison_from:
+                out.loss = out.loss * float("nan")
             # Data-parallel engines average gradients over replicas; scale so the result is the global-token mean.
             strategy.backward(out.loss * strategy.dp_size, sync=a == len(micro_batches) - 1)
             loss_sum += float(out.loss.detach())
@@ -178,7 +183,7 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
             if bad_in_a_row >= tc.nonfinite_limit or not strategy.can_skip_steps:
                 from ft_dist.errors import TrainingDiverged
 
-                first_bad = done - bad_in_a_row
+                first_bad = done - bad_in_a_row + 1
                 save(first_bad - 1) if first_bad - 1 > 0 else None
                 raise TrainingDiverged(f"training diverged: {bad_in_a_row} steps in a row with NaN/Inf loss or gradients "
                                        f"(first at step {first_bad}); lower train.lr or check the data. The weights "

@@ -94,9 +94,14 @@ def _start_wandb(output_dir: Path, logger_cfg: Any, config: Dict[str, Any]) -> O
     try:
         import wandb
 
-        return wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, group=logger_cfg.group,
-                          tags=list(logger_cfg.tags) or None, config=scrub_secrets(config), dir=str(output_dir),
-                          mode=mode, settings=wandb.Settings(init_timeout=60, console="off"))
+        run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, group=logger_cfg.group,
+                         tags=list(logger_cfg.tags) or None, config=scrub_secrets(config), dir=str(output_dir),
+                         mode=mode, settings=wandb.Settings(init_timeout=60, console="off"))
+        plan = output_dir / "plan.json"  # written by ft-plan into the run dir it planned
+        if plan.exists():
+            run.config.update({"plan": json.loads(plan.read_text())}, allow_val_change=True)
+            run.save(str(plan), base_path=str(output_dir), policy="now")
+        return run
     except Exception as err:
         dist.log(f"warning: W&B did not start ({err}); training continues without it")
         return None

@@ -17,7 +17,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, List, Optional, Set, Tuple
 
 from omegaconf import DictConfig
 
@@ -37,12 +37,13 @@ from ft_dist.train import format_comparison, resolve_output_dir, seed_everything
 FINETUNED = "finetuned"
 
 
-def _checkpoint_dir(path: str) -> str:
+def _checkpoint_dir(path: str, key: str = "checkpoint") -> str:
+    """The model dir of a run dir or model dir; ConfigError naming `key` when there is no model there."""
     p = Path(path).expanduser()
     if (p / "final" / "config.json").exists():  # a run dir was given: use its final model
         p = p / "final"
     if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
-        raise ConfigError("checkpoint", f"expected a model directory with config.json (a run's final/), got {str(p)!r}")
+        raise ConfigError(key, f"expected a model directory with config.json (a run's final/), got {str(p)!r}")
     return str(p)
 
 
@@ -58,12 +59,13 @@ def models_to_evaluate(cfg: Any) -> List[Tuple[str, Optional[str]]]:
         entries = list(cfg.checkpoints) or [BASE, cfg.checkpoint]
         models: List[Tuple[str, Optional[str]]] = []
         for entry in entries:
-            path = None if entry == BASE else _checkpoint_dir(entry)
-            name = BASE if path is None else _label(path)
-            taken = {n for n, _ in models}
-            # Two runs may share a dir name (runs/a/final, runs/b/final would not; x/run, y/run would).
-            unique = name if name not in taken else next(f"{name}-{i}" for i in range(2, 99) if f"{name}-{i}" not in taken)
-            models.append((unique, path))
+            path = None if entry == BASE else _checkpoint_dir(entry, "checkpoints")
+            label = BASE if path is None else _label(path)
+            # Two runs may share a dir name (x/run and y/run): number the later ones, names key the outputs.
+            name, taken, i = label, {n for n, _ in models}, 2
+            while name in taken:
+                name, i = f"{label}-{i}", i + 1
+            models.append((name, path))
         return models
     path = _checkpoint_dir(cfg.checkpoint) if cfg.checkpoint else None
     models = [(BASE, None)] if path is None or cfg.compare_base else []

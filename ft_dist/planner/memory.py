@@ -158,8 +158,9 @@ def comm_buffer_bytes(arch: Architecture, setup: TrainingSetup) -> float:
     trainable = trainable_params(arch, setup)
     c = setup.compute_bytes
     if setup.strategy == "ddp":
-        # DDP's gradient buckets hold a second copy of the gradients unless gradient_as_bucket_view=True.
-        return trainable * (2 if setup.precision == "pure_bf16" else 4)
+        # ft-dist's DDP sets gradient_as_bucket_view=True: the gradients are views into the all-reduce buckets,
+        # so the buckets cost nothing beyond the gradients already counted.
+        return 0.0
     if setup.strategy == "fsdp":
         # FSDP2 all-gathers the next block while computing this one, and reduce-scatters its gradients.
         block = arch.block_params

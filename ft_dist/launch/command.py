@@ -1,0 +1,95 @@
+"""`ft-launch`: the exact launch command of a training run for a cluster config; `--run` also executes it.
+
+    ft-launch cluster=p4d cluster.nodes=2 [master_addr=10.0.0.1] [launcher=deepspeed] -- model=llama-2-7b strategy=zero3
+    ft-launch cluster=local cluster.gpus_per_node=2 --run -- strategy=ddp train.max_steps=20
+    ft-launch slurm cluster=p4d cluster.nodes=4 submit=true -- ...      (writes/submits an sbatch script: slurm_cli)
+
+Arguments before `--` pick the cluster (conf/cluster/*.yaml); those after it are the training overrides, validated
+now exactly as ft-train would, so a typo fails here rather than on 64 GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from typing import Dict, List, Optional
+
+from ft_dist.launch.sbatch import train_overrides  # noqa: F401  (same override handling as the sbatch path)
+from ft_dist.launch.slurm_cli import check_train_overrides, compose_launch, split_argv
+
+TRAIN = "launch/train.py"
+
+
+def _option(args: List[str], name: str, default: Optional[str]) -> Optional[str]:
+    """Take `name=value` out of the launch arguments (not a cluster field; ft-launch's own)."""
+    for a in list(args):
+        if a.startswith(name + "="):
+            args.remove(a)
+            return a.split("=", 1)[1]
+    return default
+
+
+def build_command(cluster: object, overrides: List[str], master_addr: str, port: int, launcher: str,
+                  node_rank: str) -> List[str]:
+    """torchrun (or deepspeed) arguments for one node; the same line runs on every node."""
+    nodes, gpus = cluster.nodes, cluster.gpus_per_node
+    if launcher == "deepspeed":
+        cmd = ["deepspeed", "--num_nodes", str(nodes), "--num_gpus", str(gpus), "--master_addr", master_addr,
+               "--master_port", str(port)]
+        if nodes > 1:  # every node starts its own launcher: no ssh/pdsh fan-out from the first node
+            cmd += ["--no_ssh", "--node_rank", node_rank]
+    else:
+        cmd = ["torchrun", "--nnodes", str(nodes), "--nproc_per_node", str(gpus)]
+        if nodes > 1:
+            cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{master_addr}:{port}", "--rdzv_id", "ft-dist"]
+        else:
+            cmd += ["--master_addr", master_addr, "--master_port", str(port)]
+    world = nodes * gpus
+    if world > 1 and not any(o.startswith("strategy=") for o in overrides):
+        overrides = [*overrides, "strategy=ddp"]
+    return [*cmd, TRAIN, *overrides]
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    from ft_dist.errors import UserError
+
+    try:
+        _main(list(sys.argv[1:] if argv is None else argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
+def _main(argv: List[str]) -> None:
+    if argv[:1] == ["slurm"]:
+        from ft_dist.launch.slurm_cli import main as slurm_main
+
+        return slurm_main(argv[1:])
+    run = "--run" in argv
+    argv = [a for a in argv if a != "--run"]
+    launch_args, overrides = split_argv(argv)
+    master_addr = _option(launch_args, "master_addr", "${MASTER_ADDR}")
+    port = int(_option(launch_args, "master_port", "29500"))
+    launcher = _option(launch_args, "launcher", "torchrun")
+    node_rank = _option(launch_args, "node_rank", "${NODE_RANK}")
+    cfg = compose_launch(launch_args)
+    check_train_overrides(overrides)  # one-line error and exit 2 on a mistake
+    cluster = cfg.cluster
+    if cluster.nodes == 1 and master_addr == "${MASTER_ADDR}":
+        master_addr = "127.0.0.1"
+    env: Dict[str, str] = {k: str(v) for k, v in cluster.env.items()}
+    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default; deepspeed's launcher sets none (N procs x all cores)
+    cmd = build_command(cluster, overrides, master_addr, port, launcher, node_rank)
+    world = cluster.nodes * cluster.gpus_per_node
+    where = "on each of the nodes" if cluster.nodes > 1 else "on the node"
+    print(f"# {cluster.name}: {cluster.nodes} node(s) x {cluster.gpus_per_node} processes = world size {world}; run {where}:")
+    print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " \\\n  " + " ".join(
+        a if a.startswith("${") or ":" in a and "${" in a else shlex.quote(a) for a in cmd))
+    if run:
+        if cluster.nodes > 1 and ("${" in master_addr or "${" in node_rank):
+            print("error: --run on several nodes needs master_addr=... (and node_rank=... for deepspeed)", file=sys.stderr)
+            sys.exit(2)
+        exe = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]] if launcher == "torchrun" else cmd
+        sys.exit(subprocess.call(exe, env={**os.environ, **env}))

@@ -1,0 +1,67 @@
+"""torchrun for one node, with two things a Slurm job needs that torchrun alone does not give.
+
+1. The training's exit code. torchrun reports any failed worker as exit code 1, so "checkpointed after a preemption
+   signal, please requeue" (`EXIT_REQUEUE`, 85) would be lost. Here, when every failed worker exited 85, this
+   process exits 85 too, and the batch script turns that into `scontrol requeue`.
+2. SIGUSR1. torchrun installs no handler for it, so its default action would kill the agent and orphan the
+   workers. Here SIGUSR1 is passed on to the worker processes (which checkpoint at the next step boundary and exit
+   85) while torchrun keeps supervising them. SIGTERM stays torchrun's: it forwards it to the workers itself.
+
+    python -m ft_dist.launch.node <torchrun arguments> launch/train.py k=v ...
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import List, Optional
+
+from ft_dist import EXIT_REQUEUE  # "checkpointed after a preemption signal, please requeue"
+
+
+
+def _forward_to_workers(signum: int, _frame: object) -> None:
+    """Send the signal to this process's children: the worker processes torchrun started."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=False):
+        try:
+            child.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def node_exit_code(exit_codes: List[int]) -> int:
+    """This node's exit code from its failed workers' codes.
+
+    85 only when every failed worker asked for a requeue. Otherwise the first worker's own code (2 for a user
+    error, ...), skipping the negative codes of workers torchrun killed because another one had already failed.
+    """
+    if exit_codes and all(c == EXIT_REQUEUE for c in exit_codes):
+        return EXIT_REQUEUE
+    return next((c for c in exit_codes if c > 0), 1)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    signal.signal(signal.SIGUSR1, _forward_to_workers)
+    args = get_args_parser().parse_args(argv if argv is not None else sys.argv[1:])
+    try:
+        run(args)
+    except ChildFailedError as err:
+        codes = [failure.exitcode for _, failure in sorted(err.failures.items())]
+        code = node_exit_code(codes)
+        node = os.environ.get("SLURM_NODEID", "0")
+        if code == EXIT_REQUEUE:
+            print(f"[ft-dist node {node}] workers checkpointed and exited {code}: requeue", file=sys.stderr, flush=True)
+        else:
+            print(f"[ft-dist node {node}] workers exited with {codes}; node exits {code}", file=sys.stderr, flush=True)
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

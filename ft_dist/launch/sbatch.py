@@ -1,0 +1,155 @@
+"""Write the sbatch script for one training run on N nodes x G processes, from a cluster config.
+
+The script (one srun task per node, each running torchrun through `ft_dist.launch.node`):
+- rendezvous: c10d on the first node's resolved IP and a port free there (`ft_dist.launch.rendezvous`), id = job id
+  + restart count, so a requeued job never meets a stale rendezvous;
+- preemption: `--signal=B:USR1@<s>` reaches the batch shell, which forwards USR1 (and TERM) to srun; srun passes it
+  to each node's launcher, which passes it to the workers; they checkpoint and exit 85;
+- requeue: exit code 85 (or a forwarded signal while the run is unfinished) becomes `scontrol requeue`, capped by
+  `max_requeues`; `--requeue --open-mode=append` keeps one log across restarts, and `train.resume=auto` continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from ft_dist import EXIT_REQUEUE
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def schema_has(dotted: str) -> bool:
+    """Whether the training schema has this field (e.g. `train.resume`), so we never pass an override it rejects."""
+    from ft_dist.config import RunConfig
+
+    node: Any = RunConfig
+    for part in dotted.split("."):
+        found = {f.name: f for f in dataclasses.fields(node)}.get(part) if dataclasses.is_dataclass(node) else None
+        if found is None:
+            return False
+        node = found.default_factory() if found.default_factory is not dataclasses.MISSING else found.default
+    return True
+
+
+def train_overrides(overrides: Sequence[str], run_dir: Path, resume: bool, world_size: int = 1) -> List[str]:
+    """The job's training overrides: the user's, with the run directory fixed and resume on.
+
+    Several processes need a distributed strategy; the default (`single`) refuses them, so DDP is chosen unless the
+    user named one.
+    """
+    out = [o for o in overrides if not o.startswith("output_dir=")]
+    if world_size > 1 and not any(o.startswith("strategy=") for o in out):
+        out.append("strategy=ddp")
+    out.append(f"output_dir={run_dir}")
+    if resume and schema_has("train.resume") and not any(o.startswith("train.resume=") for o in out):
+        out.append("train.resume=auto")
+    return out
+
+
+def _sbatch_lines(cluster: Any, job_name: str, log: Path) -> List[str]:
+    opts = [f"--job-name={job_name}", f"--nodes={cluster.nodes}", "--ntasks-per-node=1",
+            f"--time={cluster.time}", f"--signal=B:USR1@{cluster.signal_seconds}", "--requeue",
+            "--open-mode=append", f"--output={log}", f"--error={log}"]
+    if cluster.request_gpus and cluster.gpus_per_node:
+        opts.append(f"--gpus-per-node={cluster.gpus_per_node}")
+    if cluster.cpus_per_task:
+        opts.append(f"--cpus-per-task={cluster.cpus_per_task}")
+    if cluster.partition:
+        opts.append(f"--partition={cluster.partition}")
+    if cluster.account:
+        opts.append(f"--account={cluster.account}")
+    if cluster.exclusive:
+        opts.append("--exclusive")
+    opts += list(cluster.sbatch_extra)
+    return [f"#SBATCH {o}" for o in opts]
+
+
+_BODY = r'''
+set -uo pipefail
+cd __REPO__
+__SETUP__
+__ENV__
+RUN_DIR=__RUN_DIR__
+RESTART="${SLURM_RESTART_COUNT:-0}"
+read -r HEAD_ADDR HEAD_PORT < <(__PYTHON__ -m ft_dist.launch.rendezvous) || { echo "[ft-dist] no rendezvous address"; exit 1; }
+echo "[ft-dist] $(date '+%F %T') job $SLURM_JOB_ID restart $RESTART on $SLURM_JOB_NODELIST; rendezvous $HEAD_ADDR:$HEAD_PORT"
+
+preempted=0
+forward() {
+  preempted=1
+  echo "[ft-dist] $(date '+%F %T') got SIG$1: forwarding to the training processes"
+  [ -n "${srun_pid:-}" ] && kill -s "$1" "$srun_pid" 2>/dev/null
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+srun --ntasks-per-node=1 --kill-on-bad-exit=0 \
+  __PYTHON__ -m ft_dist.launch.node \
+    --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node __NPROC__ \
+    --rdzv_backend c10d --rdzv_endpoint "$HEAD_ADDR:$HEAD_PORT" --rdzv_id "$SLURM_JOB_ID-$RESTART" \
+    --max_restarts 0 \
+    launch/train.py __OVERRIDES__ &
+srun_pid=$!
+while :; do
+  wait "$srun_pid"; rc=$?
+  # A trapped signal interrupts `wait` (status > 128) while srun keeps running: wait for it again.
+  if [ "$rc" -gt 128 ] && kill -0 "$srun_pid" 2>/dev/null; then continue; fi
+  break
+done
+echo "[ft-dist] $(date '+%F %T') training exited with $rc"
+
+finished=0; [ -f "$RUN_DIR/eval.json" ] && finished=1
+if [ "$rc" = __EXIT_REQUEUE__ ] || { [ "$preempted" = 1 ] && [ "$finished" = 0 ]; }; then
+  if [ "$RESTART" -lt __MAX_REQUEUES__ ]; then
+    echo "[ft-dist] $(date '+%F %T') checkpointed; requeueing job $SLURM_JOB_ID (restart $((RESTART + 1)))"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  echo "[ft-dist] gave up after $RESTART requeues (cluster.max_requeues)"
+  exit 1
+fi
+exit "$rc"
+'''
+
+
+def render(cluster: Any, overrides: Sequence[str], run_dir: Path, job_name: str = "ft-dist",
+           python: Optional[str] = None, resume: bool = True) -> str:
+    """The sbatch script text. `overrides` are training overrides (`model=... strategy=...`)."""
+    run_dir = Path(run_dir).resolve()
+    env: Dict[str, str] = dict(cluster.env)
+    final = train_overrides(overrides, run_dir, resume, cluster.nodes * cluster.gpus_per_node)
+    body = (_BODY.replace("__REPO__", shlex.quote(str(REPO_ROOT)))
+            .replace("__SETUP__", "\n".join(cluster.setup))
+            .replace("__ENV__", "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in env.items()))
+            .replace("__RUN_DIR__", shlex.quote(str(run_dir)))
+            .replace("__PYTHON__", shlex.quote(python or sys.executable))
+            .replace("__NPROC__", str(cluster.gpus_per_node))
+            .replace("__OVERRIDES__", " ".join(shlex.quote(o) for o in final))
+            .replace("__EXIT_REQUEUE__", str(EXIT_REQUEUE))
+            .replace("__MAX_REQUEUES__", str(cluster.max_requeues)))
+    header = ["#!/bin/bash", f"# ft-dist: {cluster.name}, {cluster.nodes} node(s) x {cluster.gpus_per_node} "
+              f"process(es); written by `ft-launch slurm` (launch/slurm.py). Resubmit as is: it resumes.",
+              *_sbatch_lines(cluster, job_name, run_dir / "slurm.log")]
+    return "\n".join(header) + "\n" + body
+
+
+def write(cluster: Any, overrides: Sequence[str], run_dir: Path, **kwargs: Any) -> Path:
+    """Write `<run_dir>/job.sbatch` and return its path (the run dir holds the script, its log and checkpoints)."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "job.sbatch"
+    path.write_text(render(cluster, overrides, run_dir, **kwargs))
+    path.chmod(0o755)
+    return path
+
+
+def submit(script: Path) -> str:
+    """sbatch the script; return the job id."""
+    import subprocess
+
+    out = subprocess.run(["sbatch", "--parsable", str(script)], check=True, capture_output=True, text=True)
+    return out.stdout.strip().split(";")[0]

@@ -1,0 +1,99 @@
+"""`ft-launch slurm` / `python launch/slurm.py`: write (and with submit=true, submit) a training run's sbatch script.
+
+    python launch/slurm.py cluster=p4d cluster.nodes=4 job_name=llama7b submit=true -- model=llama-2-7b strategy=fsdp
+
+Arguments before `--` configure the launch (conf/cluster/*.yaml, ft_dist/launch/schema.py); arguments after it are
+the training overrides, checked here against the training schema so a typo fails now, not in the queue.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from ft_dist.launch import sbatch
+
+
+def split_argv(argv: List[str]) -> Tuple[List[str], List[str]]:
+    """(launch overrides, training overrides) around the first `--`."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def compose_launch(overrides: List[str]) -> DictConfig:
+    """The launch config (`slurm_launch` + a `cluster` option) with these overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    import ft_dist.cli as cli
+    from ft_dist.launch.schema import register
+
+    register(ConfigStore.instance())
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="slurm_launch", overrides=overrides)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def check_train_overrides(overrides: List[str]) -> None:
+    """Compose and validate the training config, as `ft-train` would before starting."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import ft_dist.cli as cli
+    from ft_dist.config import validate
+
+    from ft_dist.errors import UserError
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+        OmegaConf.resolve(cfg)
+    except Exception as ex:  # Hydra's and OmegaConf's own errors: the same one line ft-train prints
+        raise UserError("training overrides: " + cli._describe_composition_error("train", ex)) from ex
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+
+
+def prepare(argv: List[str]) -> Tuple[DictConfig, Path]:
+    """Compose, check, and write the script; returns (launch config, script path)."""
+    launch_args, train_args = split_argv(argv)
+    cfg = compose_launch(launch_args)
+    run_dir = Path(cfg.run_dir or f"runs/{cfg.job_name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    world_size = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    check_train_overrides(sbatch.train_overrides(train_args, run_dir, cfg.resume, world_size))
+    script = sbatch.write(cfg.cluster, train_args, run_dir, job_name=cfg.job_name, python=cfg.python,
+                          resume=cfg.resume)
+    if cfg.resume and not sbatch.schema_has("train.resume"):
+        print("warning: this ft-dist has no train.resume; a requeued job would start over", file=sys.stderr)
+    return cfg, script
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    from ft_dist.errors import UserError
+
+    try:
+        cfg, script = prepare(list(sys.argv[1:] if argv is None else argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as ex:  # Hydra/OmegaConf composition errors: one line
+        print("error: " + " ".join(str(ex).split()), file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {script}")
+    if cfg.submit:
+        job = sbatch.submit(script)
+        print(f"submitted job {job}; log: {script.parent / 'slurm.log'}")
+        print(f"monitor: squeue -j {job}; tail -f {script.parent / 'slurm.log'}")
+    else:
+        print(f"submit: sbatch {script}")

@@ -1,0 +1,48 @@
+"""ft-launch prints the exact per-node command for a cluster config, validates the training overrides, and runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO
+from dist_utils import env, free_port, save_tiny_model
+
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "launch" / "launch.py"), *args], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_multi_node_torchrun_command_with_cluster_env():
+    proc = launch("cluster=p4d", "cluster.nodes=4", "master_addr=10.1.2.3", "--", "model=llama-2-7b", "strategy=zero3")
+    assert proc.returncode == 0, proc.stderr
+    assert "world size 32" in proc.stdout
+    cmd = proc.stdout.splitlines()[-1]
+    assert ("torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint 10.1.2.3:29500 "
+            "--rdzv_id ft-dist launch/train.py model=llama-2-7b strategy=zero3") in cmd
+    assert "FI_PROVIDER=efa" in proc.stdout and "NCCL_" in proc.stdout
+
+
+def test_deepspeed_launcher_command_sets_threads_and_node_rank():
+    proc = launch("cluster=p3dn", "cluster.nodes=2", "launcher=deepspeed", "master_addr=10.0.0.1", "node_rank=1", "--",
+                  "strategy=zero2", "train.precision=fp16")
+    assert proc.returncode == 0, proc.stderr
+    assert "deepspeed --num_nodes 2 --num_gpus 8 --master_addr 10.0.0.1 --master_port 29500 --no_ssh --node_rank 1" in proc.stdout
+    assert "OMP_NUM_THREADS=" in proc.stdout
+
+
+def test_a_bad_training_override_fails_in_one_line():
+    proc = launch("cluster=local", "--", "train.lr=fast")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        "error: training overrides: config error: train.lr: Value 'fast' of type 'str' could not be converted to Float"]
+
+
+def test_run_flag_launches_the_local_job(tmp_path, cache_dir):
+    model = save_tiny_model(tmp_path / "model")
+    proc = launch("cluster=local", "cluster.gpus_per_node=2", f"master_port={free_port()}", "--run", "--", "train.max_steps=3",
+                  f"model.name_or_path={model}", "model.from_config=false", f"output_dir={tmp_path / 'run'}",
+                  "eval.before_training=false", "eval.max_examples=2", "eval.max_new_tokens=2", f"data.cache_dir={cache_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "strategy=ddp" in proc.stdout and (tmp_path / "run" / "final" / "model.safetensors").exists()
