@@ -56,19 +56,24 @@ def save_final_model(model: Any, tokenizer: Any, cfg: Any, target: Path) -> Path
     A LoRA model saves its adapter under `adapter/`; with peft.merge_on_save (forced when the base was built from
     config, since such a base exists nowhere else) the merged full model is what `target` itself holds.
     """
-    is_peft = hasattr(model, "peft_config")
-    with atomic_dir(target) as tmp:
-        if is_peft:
+    merge = cfg.peft.merge_on_save or cfg.model.from_config or cfg.model.name_or_path is None
+    return write_hf_model(model, tokenizer, cfg, target, merge_lora=merge)
+
+
+def write_hf_model(model: Any, tokenizer: Any, cfg: Any, target: Path, merge_lora: bool) -> Path:
+    """Atomically write `model` (merging a LoRA adapter when asked; the adapter also goes to adapter/)."""
+    with atomic_dir(Path(target)) as tmp:
+        if hasattr(model, "peft_config"):
             model.save_pretrained(tmp / "adapter", safe_serialization=True)
             tokenizer.save_pretrained(tmp / "adapter")
-            if cfg.peft.merge_on_save or cfg.model.from_config or cfg.model.name_or_path is None:
+            if merge_lora:
                 model = model.merge_and_unload()
                 model.save_pretrained(tmp, safe_serialization=True)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "ft_config.yaml").write_text(config_yaml(cfg))
-    return target
+    return Path(target)
 
 
 # --- training checkpoints ---------------------------------------------------------------------------------------
@@ -204,14 +209,4 @@ def export_checkpoint(run_cfg: Any, checkpoint: Path, target: Path, merge_lora: 
     dcp.load(state, checkpoint_id=str(Path(checkpoint) / "state"))
     set_model_state_dict(model, state["model"])
     recompute_non_persistent_buffers(model)
-    with atomic_dir(Path(target)) as tmp:
-        if hasattr(model, "peft_config"):
-            model.save_pretrained(tmp / "adapter", safe_serialization=True)
-            if merge_lora:
-                model = model.merge_and_unload()
-                model.save_pretrained(tmp, safe_serialization=True)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "ft_config.yaml").write_text(config_yaml(run_cfg))
-    return Path(target)
+    return write_hf_model(model, tokenizer, run_cfg, Path(target), merge_lora)

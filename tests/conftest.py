@@ -28,6 +28,14 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data-cache")
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny from-config Llama saved as a pretrained dir, so every strategy and process loads identical weights."""
+    from dist_utils import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
 def compose(overrides: Sequence[str] = (), name: str = "train"):
     """The config an entry point would run with these overrides (validated the same way)."""
     from hydra import compose as hydra_compose

@@ -19,15 +19,10 @@ import pytest
 import torch
 
 from conftest import REPO
-from dist_utils import env, final_weights, free_port, losses, save_tiny_model, single, torchrun
+from dist_utils import env, final_weights, free_port, losses, single, torchrun
 
 pytestmark = pytest.mark.slow
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 def args(model_dir: Path, cache_dir: Path, out: Path, *extra: str) -> List[str]:

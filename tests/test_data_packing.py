@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import LAMINI, NEOX_TOKENIZER, TINY_NEOX, compose
+from conftest import LAMINI, TINY_NEOX, compose
 from ft_dist.data.batching import collate, count_real_tokens, examples_from_rows
 from ft_dist.data.pack import pack_batch, pack_lengths
 from ft_dist.data.prepare import prepare_dataset

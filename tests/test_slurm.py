@@ -21,7 +21,7 @@ import torch
 
 from conftest import REPO
 from dist_utils import env as proc_env
-from dist_utils import final_weights, save_tiny_model
+from dist_utils import final_weights
 
 pytestmark = pytest.mark.slow
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
@@ -51,11 +51,6 @@ def slurm_one() -> Iterator[Dict[str, str]]:
 @pytest.fixture(scope="session")
 def slurm_two() -> Iterator[Dict[str, str]]:
     yield from _cluster(2)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 def train_args(model_dir: Path, cache_dir: Path, steps: int, *extra: str) -> List[str]:

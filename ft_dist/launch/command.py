@@ -16,7 +16,6 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
-from ft_dist.launch.sbatch import train_overrides  # noqa: F401  (same override handling as the sbatch path)
 from ft_dist.launch.slurm_cli import check_train_overrides, compose_launch, split_argv
 
 TRAIN = "launch/train.py"
