@@ -35,7 +35,7 @@ def main() -> None:
         save_s = float(re.findall(r"checkpoint: \S+ \(([\d.]+) s\)", first)[-1])
         size = dir_size_mb(next((out / "checkpoints").glob("step-*")))
         second = launch([*common, f"output_dir={out}", "train.resume_ignore_config=true", *extra], nproc=nproc, threads=2 if nproc == 0 else 1)
-        resume_s = float(re.search(r"resumed from .* \(([\d.]+) s\)", second).group(1))
+        resume_s = float(re.search(r"resumed from .*; ([\d.]+) s\)", second).group(1))
         rows.append((strategy, save_s, resume_s, size))
     base = rows[0][1]
     print("Pythia-70m architecture (70.4M parameters, fp32 + AdamW), CPU")
