@@ -217,5 +217,8 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
             dist.log(f"preempted: checkpoint saved at step {done}; exiting with code 85 (requeue; train.resume=auto continues)")
             result.preempted = True
             break
+    if start_step >= steps:  # resumed a run that had already finished: just report where it stands
+        ev = evaluate_loss(strategy, data.test, pad_id, cfg.eval.batch_size)
+        result.eval_history.append({**ev, "step": steps})
     result.seconds = time.time() - start
     return result

@@ -173,7 +173,7 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
     after = task_metrics(final_model, tokenizer, data.test, cfg.eval, world.device)
     after_scores = {**after["scores"], **{k: v for k, v in result.eval_history[-1].items() if k != "step"}}
     report.update(after=after_scores, train_seconds=result.seconds, tokens=result.tokens, steps=result.steps,
-                  final_train_loss=result.train_losses[-1], eval_history=result.eval_history)
+                  final_train_loss=result.train_losses[-1] if result.train_losses else None, eval_history=result.eval_history)
 
     final = out_dir / "final"
     if world.is_main:
