@@ -151,7 +151,8 @@ def save_checkpoint(strategy: Any, scheduler: Any, out_dir: Path, step: int, met
         extra["scaler"] = strategy.scaler.state_dict()
     torch.save(extra, tmp / f"rank-{dist.world().rank}.pt")
     delay_at = os.environ.get("FT_DIST_TEST_SAVE_DELAY", "")  # "<step>:<seconds>": tests kill a save mid-way
-    if delay_at and int(delay_at.split(":")[0]) == step:
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"  # not again after a torchrun restart
+    if delay_at and int(delay_at.split(":")[0]) == step and first_attempt:
         import time
 
         time.sleep(float(delay_at.split(":")[1]))

@@ -177,7 +177,9 @@ def test_kill_during_save_leaves_previous_checkpoint(model_dir, cache_dir, unint
 
 def test_torchrun_restarts_after_a_rank_is_killed(model_dir, cache_dir, uninterrupted, tmp_path):
     a = args(model_dir, cache_dir, tmp_path, "train.save_every=2", *TWO, "strategy=ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+    # Restarts may take more than one attempt (a fresh gloo mesh can time out connecting right after a kill);
+    # what must hold is that the job comes back from the last complete checkpoint and finishes.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "3",
            "--master_port", str(free_port()), str(REPO / "launch" / "train.py"), *a]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env({"FT_DIST_TEST_SAVE_DELAY": "4:120"}), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
