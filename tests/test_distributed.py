@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from dist_utils import digests, env, final_weights, free_port, losses, save_tiny_model, single, torchrun
+from dist_utils import digests, env, final_weights, free_port, losses, single, torchrun
 
 pytestmark = pytest.mark.slow
 STEPS = 5
