@@ -176,16 +176,22 @@ def test_kill_during_save_leaves_previous_checkpoint(model_dir, cache_dir, unint
 
 
 def test_torchrun_restarts_after_a_rank_is_killed(model_dir, cache_dir, uninterrupted, tmp_path):
+    # Through ft-launch, which gives torchrun the c10d rendezvous that restarts need.
     a = args(model_dir, cache_dir, tmp_path, "train.save_every=2", *TWO, "strategy=ddp")
-    # Restarts may take more than one attempt (a fresh gloo mesh can time out connecting right after a kill);
-    # what must hold is that the job comes back from the last complete checkpoint and finishes.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "3",
-           "--master_port", str(free_port()), str(REPO / "launch" / "train.py"), *a]
+    cmd = [sys.executable, str(REPO / "launch" / "launch.py"), "cluster=local", f"master_port={free_port()}",
+           "max_restarts=2", "--run", "--", *a]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env({"FT_DIST_TEST_SAVE_DELAY": "4:120"}), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    wait_for((tmp_path / "checkpoints" / ".step-00000004.tmp" / "rank-1.pt").exists, what="training past step 2")
-    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
-    out, err = proc.communicate(timeout=600)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for((tmp_path / "checkpoints" / ".step-00000004.tmp" / "rank-1.pt").exists, what="training past step 2")
+        torchrun_pid, = worker_pids(proc.pid)
+        os.kill(worker_pids(torchrun_pid)[1], signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # leave no orphaned ranks behind, and show where it stood
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"the restarted job did not finish:\n{out[-2000:]}\n{err[-3000:]}")
     assert proc.returncode == 0, err[-3000:]
     assert "resumed from" in out and "at step 2" in out
     assert_same_weights(tmp_path, uninterrupted("ddp"), exact=True)

@@ -24,6 +24,16 @@ def test_multi_node_torchrun_command_with_cluster_env():
     assert "FI_PROVIDER=efa" in proc.stdout and "NCCL_" in proc.stdout
 
 
+def test_restarts_in_place_use_the_c10d_rendezvous():
+    # The restart itself (a rank killed, the job resumed) is tested in test_checkpoint.py.
+    proc = launch("cluster=local", "max_restarts=2", "--", "train.max_steps=3")
+    assert proc.returncode == 0, proc.stderr
+    assert ("torchrun --nnodes 1 --nproc_per_node 2 --max-restarts 2 --rdzv_backend c10d --rdzv_endpoint "
+            "127.0.0.1:29500") in proc.stdout
+    proc = launch("cluster=local", "max_restarts=2", "launcher=deepspeed", "--", "train.max_steps=3")
+    assert proc.returncode == 2 and "max_restarts" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_deepspeed_launcher_command_sets_threads_and_node_rank():
     proc = launch("cluster=p3dn", "cluster.nodes=2", "launcher=deepspeed", "master_addr=10.0.0.1", "node_rank=1", "--",
                   "strategy=zero2", "train.precision=fp16")

@@ -2,6 +2,7 @@
 
     ft-launch cluster=p4d cluster.nodes=2 [master_addr=10.0.0.1] [launcher=deepspeed] -- model=llama-2-7b strategy=zero3
     ft-launch cluster=local cluster.gpus_per_node=2 --run -- strategy=ddp train.max_steps=20
+    ft-launch cluster=local max_restarts=3 --run -- strategy=ddp train.save_every=50   (a dead rank restarts the job)
     ft-launch slurm cluster=p4d cluster.nodes=4 submit=true -- ...      (writes/submits an sbatch script: slurm_cli)
 
 Arguments before `--` pick the cluster (conf/cluster/*.yaml); those after it are the training overrides, validated
@@ -31,7 +32,7 @@ def _option(args: List[str], name: str, default: Optional[str]) -> Optional[str]
 
 
 def build_command(cluster: object, overrides: List[str], master_addr: str, port: int, launcher: str,
-                  node_rank: str) -> List[str]:
+                  node_rank: str, max_restarts: int = 0) -> List[str]:
     """torchrun (or deepspeed) arguments for one node; the same line runs on every node."""
     nodes, gpus = cluster.nodes, cluster.gpus_per_node
     if launcher == "deepspeed":
@@ -41,7 +42,11 @@ def build_command(cluster: object, overrides: List[str], master_addr: str, port:
             cmd += ["--no_ssh", "--node_rank", node_rank]
     else:
         cmd = ["torchrun", "--nnodes", str(nodes), "--nproc_per_node", str(gpus)]
-        if nodes > 1:
+        if max_restarts:
+            cmd += ["--max-restarts", str(max_restarts)]
+        # Restarts need the c10d rendezvous: the static one keeps the first attempt's store keys, so a restarted
+        # gloo/NCCL mesh can read a dead rank's address and hang or be refused.
+        if nodes > 1 or max_restarts:
             cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{master_addr}:{port}", "--rdzv_id", "ft-dist"]
         else:
             cmd += ["--master_addr", master_addr, "--master_port", str(port)]
@@ -62,6 +67,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 def _main(argv: List[str]) -> None:
+    from ft_dist.errors import ConfigError
+
     if argv[:1] == ["slurm"]:
         from ft_dist.launch.slurm_cli import main as slurm_main
 
@@ -73,6 +80,7 @@ def _main(argv: List[str]) -> None:
     port = int(_option(launch_args, "master_port", "29500"))
     launcher = _option(launch_args, "launcher", "torchrun")
     node_rank = _option(launch_args, "node_rank", "${NODE_RANK}")
+    max_restarts = int(_option(launch_args, "max_restarts", "0"))
     cfg = compose_launch(launch_args)
     check_train_overrides(overrides)  # one-line error and exit 2 on a mistake
     cluster = cfg.cluster
@@ -80,7 +88,9 @@ def _main(argv: List[str]) -> None:
         master_addr = "127.0.0.1"
     env: Dict[str, str] = {k: str(v) for k, v in cluster.env.items()}
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default; deepspeed's launcher sets none (N procs x all cores)
-    cmd = build_command(cluster, overrides, master_addr, port, launcher, node_rank)
+    if max_restarts and launcher != "torchrun":
+        raise ConfigError("max_restarts", "restarts in place need launcher=torchrun (deepspeed's launcher has none)")
+    cmd = build_command(cluster, overrides, master_addr, port, launcher, node_rank, max_restarts)
     world = cluster.nodes * cluster.gpus_per_node
     where = "on each of the nodes" if cluster.nodes > 1 else "on the node"
     print(f"# {cluster.name}: {cluster.nodes} node(s) x {cluster.gpus_per_node} processes = world size {world}; run {where}:")
