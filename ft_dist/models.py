@@ -152,13 +152,17 @@ def count_parameters(model: nn.Module) -> Dict[str, int]:
 def recompute_non_persistent_buffers(model: nn.Module) -> None:
     """Rebuild buffers that state dicts leave out (rotary `inv_freq`) after `to_empty` left them uninitialised.
 
-    HF computes them in the owning module's constructor from its config, and such modules hold no parameters,
-    so constructing a CPU twin is cheap whatever the model size.
+    Every path that builds on the meta device (FSDP2, replicas of a sharded model, export) calls this, so no rank
+    ever needs the full model for them. HF computes them in the owning module's constructor from its config, and
+    such modules hold no parameters, so constructing a CPU twin is cheap whatever the model size.
     """
-    for module in model.modules():
+    for name, module in model.named_modules():
         missing = [n for n in module._buffers if n in module._non_persistent_buffers_set]
-        if not missing or not hasattr(module, "config"):
+        if not missing:
             continue
+        if not hasattr(module, "config"):
+            raise NotImplementedError(f"cannot rebuild the non-persistent buffers {missing} of {name} "
+                                      f"({type(module).__name__}): its constructor takes no config")
         twin = type(module)(module.config)
-        for name in missing:
-            module._buffers[name] = twin._buffers[name].to(module._buffers[name].device)
+        for buf in missing:
+            module._buffers[buf] = twin._buffers[buf].to(module._buffers[buf].device)

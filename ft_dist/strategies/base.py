@@ -31,27 +31,14 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ConfigError("train.precision", f"{torch.cuda.get_device_name()} has no bf16 (needs sm80+, e.g. A100/H100); use fp16 on V100")
 
 
-def non_persistent_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Buffers that state_dict() leaves out (e.g. rotary inv_freq): a meta-built model must get them separately."""
-    persistent = set(model.state_dict().keys())
-    return {n: b.detach().cpu() for n, b in model.named_buffers() if n not in persistent}
-
-
-def load_buffers(model: nn.Module, buffers: Dict[str, torch.Tensor]) -> None:
-    for name, value in buffers.items():
-        module_name, _, buf_name = name.rpartition(".")
-        module = model.get_submodule(module_name) if module_name else model
-        module._buffers[buf_name] = value.to(module._buffers[buf_name].device if module._buffers[buf_name] is not None
-                                             and not module._buffers[buf_name].is_meta else "cpu")
-
-
-def replica_from_state(build_model: ModelFactory, state: Dict[str, torch.Tensor], buffers: Dict[str, torch.Tensor],
-                       device: torch.device) -> nn.Module:
+def replica_from_state(build_model: ModelFactory, state: Dict[str, torch.Tensor], device: torch.device) -> nn.Module:
     """A plain full model from gathered weights, built on meta first so no random init is paid for."""
+    from ft_dist.models import recompute_non_persistent_buffers
+
     model = build_model(meta=True)
     model.to_empty(device="cpu")
     model.load_state_dict(state)
-    load_buffers(model, buffers)
+    recompute_non_persistent_buffers(model)
     return model.to(device)
 
 

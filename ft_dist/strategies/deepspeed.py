@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ft_dist import dist
-from ft_dist.strategies.base import ModelFactory, OptimizerFactory, Strategy, non_persistent_buffers, replica_from_state
+from ft_dist.strategies.base import ModelFactory, OptimizerFactory, Strategy, replica_from_state
 
 
 def current_rss_mb() -> float:
@@ -72,7 +72,6 @@ class DeepSpeedZero(Strategy):
         rss_before = current_rss_mb()
         model = build_model(meta=False)
         build_growth = peak_rss_mb() - rss_before
-        self.buffers = non_persistent_buffers(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = None
         if build_optimizer is not None:
@@ -214,4 +213,4 @@ class DeepSpeedZero(Strategy):
     def inference_model(self) -> nn.Module:
         if self.cfg.strategy.zero_stage < 3:
             return self.unwrapped()
-        return replica_from_state(self.build_model, self.full_state_dict(), self.buffers, self.world.device)
+        return replica_from_state(self.build_model, self.full_state_dict(), self.world.device)

@@ -12,12 +12,11 @@ import contextlib
 from typing import ContextManager, Dict, List, Optional
 
 import torch
-import torch.distributed as tdist
 from torch import nn
 
 from ft_dist.errors import ConfigError
-from ft_dist.strategies.base import (ModelFactory, OptimizerFactory, Strategy, load_buffers, non_persistent_buffers,
-                                     replica_from_state)
+from ft_dist.models import recompute_non_persistent_buffers
+from ft_dist.strategies.base import ModelFactory, OptimizerFactory, Strategy, replica_from_state
 
 
 def transformer_blocks(model: nn.Module) -> List[nn.Module]:
@@ -41,15 +40,10 @@ class FSDP2(Strategy):
         self.build_model = build_model
         dev = self.world.device
         full_state: Dict[str, torch.Tensor] = {}
-        buffers: Dict[str, torch.Tensor] = {}
         if self.world.is_main:
             full = build_model(meta=False)
             full_state = {k: v.detach() for k, v in full.state_dict().items()}
-            buffers = non_persistent_buffers(full)
             del full
-        box = [buffers]
-        tdist.broadcast_object_list(box, src=0)
-        self.buffers = box[0]
         model = build_model(meta=True)
         mesh = init_device_mesh(dev.type, (self.world.size,))
         kwargs = dict(mesh=mesh, reshard_after_forward=self.cfg.strategy.reshard_after_forward)
@@ -62,7 +56,7 @@ class FSDP2(Strategy):
         fully_shard(model, **kwargs)
         model.to_empty(device="cpu" if self.cfg.strategy.cpu_offload else dev)
         set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        load_buffers(model, self.buffers)
+        recompute_non_persistent_buffers(model)
         self.model = model
         if build_optimizer is not None:
             self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad])
@@ -86,4 +80,4 @@ class FSDP2(Strategy):
         return {k: v.detach().cpu() for k, v in state.items()}
 
     def inference_model(self) -> nn.Module:
-        return replica_from_state(self.build_model, self.full_state_dict(), self.buffers, self.world.device)
+        return replica_from_state(self.build_model, self.full_state_dict(), self.world.device)
