@@ -3,11 +3,16 @@
 Each size runs in a fresh process (peak RSS is per process): it writes N synthetic question/answer lines to a
 temporary JSONL, then runs the real pipeline (read, filter, dedup, split, tokenize with the GPT-NeoX tokenizer,
 pack) into a temporary cache. Usage: python bench/data_prep.py 10000 100000 [1000000] [--num-proc 2]
+
+`--limit-mib M` runs each size inside a memory cgroup capped at M MiB (cgroup v1 memory controller; needs root).
+The cap counts heap and page cache alike, so a run that finishes under it shows that nothing grows with size:
+the file-backed pages of the memory-mapped Arrow files are reclaimed, the heap is not.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -16,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 NEOX = Path(os.environ.get("FT_DIST_ASSETS", REPO.parent / "shared" / "assets")) / "tokenizers" / "gpt-neox-20b"
@@ -80,23 +86,47 @@ def one(n: int, num_proc: int) -> dict:
                 "train": data.stats["train"]}
 
 
+@contextlib.contextmanager
+def memory_cgroup(limit_mib: int | None) -> Iterator[Callable[[], None] | None]:
+    """A `preexec_fn` that moves the child into a fresh memory cgroup capped at limit_mib (None: no cap)."""
+    if limit_mib is None:
+        yield None
+        return
+    group = Path(f"/sys/fs/cgroup/memory/ft-dist-bench-{os.getpid()}")
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit_mib << 20))
+        (group / "memory.memsw.limit_in_bytes").write_text(str(limit_mib << 20))  # no escape into swap
+        yield lambda: (group / "cgroup.procs").write_text(str(os.getpid()))
+    finally:
+        group.rmdir()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sizes", nargs="*", type=int, default=[10_000, 100_000])
     parser.add_argument("--num-proc", type=int, default=1)
+    parser.add_argument("--limit-mib", type=int, help="cap each run's memory (heap + page cache) in a cgroup")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one, args.num_proc)))
         return
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    print(f"{'examples':>10} {'seconds':>8} {'ex/s':>8} {'peak RSS MiB':>13} {'anon MiB':>9} {'(before prep)':>14} {'workers MiB':>12}")
+    print(f"{'examples':>10} {'seconds':>8} {'ex/s':>8} {'peak RSS MiB':>13} {'anon MiB':>9} {'anon/first':>10} "
+          f"{'(before prep)':>14} {'workers MiB':>12}")
+    first_anon = None
     for n in args.sizes:
-        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--num-proc", str(args.num_proc)], env=env,
-                             capture_output=True, text=True, check=True)
+        with memory_cgroup(args.limit_mib) as enter:
+            out = subprocess.run([sys.executable, __file__, "--one", str(n), "--num-proc", str(args.num_proc)], env=env,
+                                 capture_output=True, text=True, preexec_fn=enter)
+        if out.returncode != 0:  # e.g. killed by the cgroup's OOM killer (-9)
+            sys.exit(f"{n} examples: exit {out.returncode}\n{out.stderr[-2000:]}")
         r = json.loads(out.stdout.strip().splitlines()[-1])
+        first_anon = first_anon or r["peak_anon_rss_mib"]  # the baseline: the smallest size, same invocation
         print(f"{r['examples']:>10} {r['seconds']:>8} {r['examples_per_s']:>8} {r['peak_rss_mib']:>13} {r['peak_anon_rss_mib']:>9} "
-              f"{r['rss_before_prepare_mib']:>14} {r['worker_peak_rss_mib']:>12}", flush=True)
+              f"{r['peak_anon_rss_mib'] / first_anon:>10.2f} {r['rss_before_prepare_mib']:>14} {r['worker_peak_rss_mib']:>12}",
+              flush=True)
 
 
 if __name__ == "__main__":
