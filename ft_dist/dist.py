@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, List
+from typing import Any, Dict, Iterator, List
 
 import torch
 import torch.distributed as dist
@@ -70,9 +70,28 @@ def init(device: str = "auto", backend: str = "auto") -> World:
     if launched and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        store = _attempt_store()
+        extra: Dict[str, Any] = dict(store=store, rank=rank, world_size=size) if store is not None else {}
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None, **extra)
     _WORLD = World(rank=rank, local_rank=local_rank, size=size, device=dev, launched=launched)
     return _WORLD
+
+
+def _attempt_store() -> Any:
+    """Under torchrun, the agent's store with keys scoped to this restart attempt (None: not under torchrun).
+
+    torchrun's agent hosts one TCPStore for the whole job (static and c10d rendezvous alike) and its workers
+    connect to it unprefixed, so after `--max-restarts` brings the workers back, the new process group finds the
+    dead attempt's keys: gloo then connects to a dead rank's address ("connectFullMesh ... Connection refused")
+    or waits forever. Seen on CPU/gloo in about half the restarts under load.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=default_pg_timeout)
+    return dist.PrefixStore(f"ft-dist/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def close() -> None:

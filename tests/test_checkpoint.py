@@ -175,24 +175,49 @@ def test_kill_during_save_leaves_previous_checkpoint(model_dir, cache_dir, unint
     assert_same_weights(tmp_path, uninterrupted("single"), exact=True)
 
 
+def tagged_processes(tag: str) -> Dict[int, Dict[str, str]]:
+    """pid -> environment of every live process started with FT_DIST_TEST_ID=tag (workers are session leaders, so
+    neither the process tree nor a process group reaches them reliably)."""
+    found = {}
+    for proc_dir in Path("/proc").iterdir():
+        try:
+            raw = (proc_dir / "environ").read_bytes() if proc_dir.name.isdigit() else b""
+        except OSError:  # exited meanwhile
+            continue
+        environ = dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
+        if environ.get("FT_DIST_TEST_ID") == tag:
+            found[int(proc_dir.name)] = environ
+    return found
+
+
 def test_torchrun_restarts_after_a_rank_is_killed(model_dir, cache_dir, uninterrupted, tmp_path):
-    # Through ft-launch, which gives torchrun the c10d rendezvous that restarts need.
+    # Through ft-launch (max_restarts=R -> torchrun --max-restarts R, c10d rendezvous).
     a = args(model_dir, cache_dir, tmp_path, "train.save_every=2", *TWO, "strategy=ddp")
     cmd = [sys.executable, str(REPO / "launch" / "launch.py"), "cluster=local", f"master_port={free_port()}",
            "max_restarts=2", "--run", "--", *a]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env({"FT_DIST_TEST_SAVE_DELAY": "4:120"}), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    tag = tmp_path.name
+    # LOGLEVEL: torchrun logs its restarts; faulthandler: SIGABRT makes a stuck worker print where it is.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env({"FT_DIST_TEST_SAVE_DELAY": "4:120", "FT_DIST_TEST_ID": tag,
+                                                    "LOGLEVEL": "INFO", "PYTHONFAULTHANDLER": "1"}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for((tmp_path / "checkpoints" / ".step-00000004.tmp" / "rank-1.pt").exists, what="training past step 2")
-        torchrun_pid, = worker_pids(proc.pid)
-        os.kill(worker_pids(torchrun_pid)[1], signal.SIGKILL)
+        rank1, = [pid for pid, e in tagged_processes(tag).items()
+                  if e.get("RANK") == "1" and e.get("TORCHELASTIC_RESTART_COUNT") == "0"]
+        os.kill(rank1, signal.SIGKILL)
         out, err = proc.communicate(timeout=300)
     finally:
-        if proc.poll() is None:  # leave no orphaned ranks behind, and show where it stood
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"the restarted job did not finish:\n{out[-2000:]}\n{err[-3000:]}")
-    assert proc.returncode == 0, err[-3000:]
+        if proc.poll() is None:  # stuck: show where every process stood, and leave none behind
+            for pid in tagged_processes(tag):
+                os.kill(pid, signal.SIGABRT)
+            time.sleep(3)
+            for pid in tagged_processes(tag):
+                os.kill(pid, signal.SIGKILL)
+            out, err = proc.communicate(timeout=60)
+            pytest.fail(f"the restarted job did not finish:\n{out[-3000:]}\n{err[-12000:]}")
+    assert proc.returncode == 0, err[-6000:]
+    # One restart: a restarted group that trips over the dead attempt's store keys fails again (dist._attempt_store).
+    assert err.count("will restart worker group") == 1, err[-6000:]
     assert "resumed from" in out and "at step 2" in out
     assert_same_weights(tmp_path, uninterrupted("ddp"), exact=True)
 

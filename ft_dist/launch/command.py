@@ -44,8 +44,8 @@ def build_command(cluster: object, overrides: List[str], master_addr: str, port:
         cmd = ["torchrun", "--nnodes", str(nodes), "--nproc_per_node", str(gpus)]
         if max_restarts:
             cmd += ["--max-restarts", str(max_restarts)]
-        # Restarts need the c10d rendezvous: the static one keeps the first attempt's store keys, so a restarted
-        # gloo/NCCL mesh can read a dead rank's address and hang or be refused.
+        # c10d is torchrun's elastic rendezvous (each restart is a new round); ft_dist.dist scopes the process
+        # group's store keys per attempt, which restarts need under either rendezvous.
         if nodes > 1 or max_restarts:
             cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{master_addr}:{port}", "--rdzv_id", "ft-dist"]
         else:
