@@ -7,8 +7,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -60,10 +61,36 @@ def losses(run_dir: Path) -> List[float]:
     return [m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
 
 
-def final_weights(run_dir: Path) -> Dict[str, torch.Tensor]:
+def final_weights(run_dir: Path, sub: str = "final") -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(run_dir / "final" / "model.safetensors")
+    return load_file(run_dir / sub / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path, exact: bool = False, rtol: float = 1e-4, atol: float = 2e-5,
+                        sub: str = "final") -> None:
+    """The two runs' saved models have the same tensors: bitwise (`exact`) or to rtol/atol."""
+    wa, wb = final_weights(a, sub), final_weights(b, sub)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        if exact:
+            assert torch.equal(wa[k], wb[k]), k
+        else:
+            torch.testing.assert_close(wa[k], wb[k], rtol=rtol, atol=atol, msg=k)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 180.0, what: str = "") -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def logged_steps(run: Path) -> int:
+    f = run / "metrics.jsonl"
+    return sum(1 for line in f.read_text().splitlines() if '"loss"' in line) if f.exists() else 0
 
 
 def digests(run_dir: Path) -> List[dict]:

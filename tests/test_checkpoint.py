@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from dist_utils import env, final_weights, free_port, losses, single, torchrun
+from dist_utils import assert_same_weights, env, final_weights, free_port, logged_steps, losses, single, torchrun, wait_for
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -65,16 +65,6 @@ def step_dir(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step-{step:08d}"
 
 
-def assert_same_weights(a: Path, b: Path, exact: bool) -> None:
-    wa, wb = final_weights(a), final_weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        if exact:
-            assert torch.equal(wa[k], wb[k]), k
-        else:
-            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=2e-5, msg=k)
-
-
 @pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp", "zero2", "zero3"])
 def test_exact_resume_is_bitwise(strategy, model_dir, cache_dir, uninterrupted, tmp_path):
     full = uninterrupted(strategy)
@@ -102,20 +92,6 @@ def test_resume_one_rank_to_two(strategy, model_dir, cache_dir, uninterrupted, t
     assert "saved by world size 1" in proc.stdout
     torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(full)[3:]), rtol=1e-4, atol=1e-5)
     assert_same_weights(tmp_path, full, exact=False)
-
-
-def wait_for(predicate, timeout: float = 180.0, what: str = "") -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def logged_steps(run: Path) -> int:
-    f = run / "metrics.jsonl"
-    return sum(1 for line in f.read_text().splitlines() if '"loss"' in line) if f.exists() else 0
 
 
 def worker_pids(parent: int) -> List[int]:
@@ -266,7 +242,5 @@ def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(model_dir, cach
         proc = subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), f"checkpoint={step_dir(run, 3)}",
                                f"output={out}"], cwd=REPO, env=env(), capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
-    from safetensors.torch import load_file
-
-    got, want = load_file(tmp_path / "diverged" / "model.safetensors"), load_file(tmp_path / "reference" / "model.safetensors")
-    assert all(torch.equal(got[k], want[k]) for k in want)  # exactly the weights from before the first bad step
+    # Exactly the weights from before the first bad step.
+    assert_same_weights(tmp_path / "diverged", tmp_path / "reference", exact=True, sub="")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
-from dist_utils import env, free_port, save_tiny_model
+from dist_utils import env, free_port
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:
@@ -49,10 +51,22 @@ def test_a_bad_training_override_fails_in_one_line():
         "error: training overrides: config error: train.lr: Value 'fast' of type 'str' could not be converted to Float"]
 
 
-def test_run_flag_launches_the_local_job(tmp_path, cache_dir):
-    model = save_tiny_model(tmp_path / "model")
+@pytest.mark.slow
+def test_run_flag_launches_the_local_job(tmp_path, cache_dir, model_dir):
+    model = model_dir
     proc = launch("cluster=local", "cluster.gpus_per_node=2", f"master_port={free_port()}", "--run", "--", "train.max_steps=3",
                   f"model.name_or_path={model}", "model.from_config=false", f"output_dir={tmp_path / 'run'}",
                   "eval.before_training=false", "eval.max_examples=2", "eval.max_new_tokens=2", f"data.cache_dir={cache_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "strategy=ddp" in proc.stdout and (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+def test_slurm_script_resumes_unless_told_not_to(tmp_path):
+    for resume, expected in (("true", "train.resume=auto"), ("false", "train.resume=null")):
+        run_dir = tmp_path / resume
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "slurm.py"), "cluster=local", f"resume={resume}",
+                               f"run_dir={run_dir}", "--", "train.max_steps=3"], cwd=REPO, env=env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        script = (run_dir / "job.sbatch").read_text()
+        assert expected in script and f"output_dir={run_dir}" in script

@@ -68,6 +68,7 @@ def test_two_process_run_writes_one_offline_run_with_metrics_and_config(cache_di
     assert dry.returncode == 0 and runs[0].parent.name in dry.stdout + dry.stderr, dry.stdout + dry.stderr
 
 
+@pytest.mark.slow
 def test_training_finishes_when_wandb_is_absent(cache_dir, tmp_path):
     shadow = tmp_path / "shadow" / "wandb"
     shadow.mkdir(parents=True)

@@ -100,5 +100,6 @@ def _main(argv: List[str]) -> None:
         if cluster.nodes > 1 and ("${" in master_addr or "${" in node_rank):
             print("error: --run on several nodes needs master_addr=... (and node_rank=... for deepspeed)", file=sys.stderr)
             sys.exit(2)
-        exe = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]] if launcher == "torchrun" else cmd
+        # torchrun's own code, keeping exit 85 ("checkpointed, requeue me") that plain torchrun reports as 1.
+        exe = [sys.executable, "-m", "ft_dist.launch.node", *cmd[1:]] if launcher == "torchrun" else cmd
         sys.exit(subprocess.call(exe, env={**os.environ, **env}))

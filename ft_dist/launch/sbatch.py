@@ -11,7 +11,6 @@ The script (one srun task per node, each running torchrun through `ft_dist.launc
 
 from __future__ import annotations
 
-import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -22,21 +21,8 @@ from ft_dist import EXIT_REQUEUE
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def schema_has(dotted: str) -> bool:
-    """Whether the training schema has this field (e.g. `train.resume`), so we never pass an override it rejects."""
-    from ft_dist.config import RunConfig
-
-    node: Any = RunConfig
-    for part in dotted.split("."):
-        found = {f.name: f for f in dataclasses.fields(node)}.get(part) if dataclasses.is_dataclass(node) else None
-        if found is None:
-            return False
-        node = found.default_factory() if found.default_factory is not dataclasses.MISSING else found.default
-    return True
-
-
 def train_overrides(overrides: Sequence[str], run_dir: Path, resume: bool, world_size: int = 1) -> List[str]:
-    """The job's training overrides: the user's, with the run directory fixed and resume on.
+    """The job's training overrides: the user's, with the run directory fixed and resume as asked.
 
     Several processes need a distributed strategy; the default (`single`) refuses them, so DDP is chosen unless the
     user named one.
@@ -45,8 +31,8 @@ def train_overrides(overrides: Sequence[str], run_dir: Path, resume: bool, world
     if world_size > 1 and not any(o.startswith("strategy=") for o in out):
         out.append("strategy=ddp")
     out.append(f"output_dir={run_dir}")
-    if resume and schema_has("train.resume") and not any(o.startswith("train.resume=") for o in out):
-        out.append("train.resume=auto")
+    if not any(o.startswith("train.resume=") for o in out):  # the user's own choice wins
+        out.append("train.resume=auto" if resume else "train.resume=null")
     return out
 
 

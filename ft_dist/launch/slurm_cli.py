@@ -74,8 +74,6 @@ def prepare(argv: List[str]) -> Tuple[DictConfig, Path]:
     check_train_overrides(sbatch.train_overrides(train_args, run_dir, cfg.resume, world_size))
     script = sbatch.write(cfg.cluster, train_args, run_dir, job_name=cfg.job_name, python=cfg.python,
                           resume=cfg.resume)
-    if cfg.resume and not sbatch.schema_has("train.resume"):
-        print("warning: this ft-dist has no train.resume; a requeued job would start over", file=sys.stderr)
     return cfg, script
 
 
