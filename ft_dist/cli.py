@@ -75,29 +75,38 @@ def _describe_composition_error(config_name: str, ex: BaseException) -> str:
     if missing:
         group, option = missing.groups()
         available = re.search(r"Available options in '[^']+':\s*(.*?)\s*(Config search path|$)", str(ex), re.S)
-        choices = " ".join(available.group(1).split()) if available else "see conf/" + group
+        # Schemas registered in a group (e.g. cluster_schema) are bases for the options, not options themselves.
+        choices = " ".join(c for c in available.group(1).split() if not c.endswith("_schema")) if available else "see conf/" + group
         return f"config error: {group}: no option {option!r}; available: {choices}"
     if key:
         return f"config error: {key}: {text}"
     return "config error: " + " ".join(str(ex).split())
 
 
-def _preflight(config_name: str, argv: List[str], check: Callable[[Any], None]) -> None:
-    """Compose and validate once before Hydra runs the job, so user mistakes cost < 1 s and read as one line."""
-    if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith("-") for a in argv):
-        return  # sweeps and Hydra flags: each job validates itself in _run()
+def compose_checked(config_name: str, overrides: List[str], check: Callable[[Any], None]) -> DictConfig:
+    """Compose, resolve and check a config; any mistake becomes a one-line UserError, before any model or data."""
     from hydra import compose, initialize_config_dir
 
-    overrides = [a for a in argv if not a.startswith("hydra")]
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
         OmegaConf.resolve(cfg)
         check(cfg)
+    except UserError:
+        raise
+    except Exception as ex:  # Hydra's and OmegaConf's own error types
+        raise UserError(_describe_composition_error(config_name, ex)) from ex
+    return cfg
+
+
+def _preflight(config_name: str, argv: List[str], check: Callable[[Any], None]) -> None:
+    """Compose and validate once before Hydra runs the job, so user mistakes cost < 1 s and read as one line."""
+    if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith("-") for a in argv):
+        return  # sweeps and Hydra flags: each job validates itself in _run()
+    try:
+        compose_checked(config_name, [a for a in argv if not a.startswith("hydra")], check)
     except UserError as err:
         _fail(str(err))
-    except Exception as ex:  # Hydra's and OmegaConf's own error types
-        _fail(_describe_composition_error(config_name, ex))
 
 
 def _run(task: Callable[[DictConfig], Optional[int]], cfg: DictConfig, check: Callable[[Any], None]) -> None:

@@ -44,6 +44,15 @@ def test_deepspeed_launcher_command_sets_threads_and_node_rank():
     assert "OMP_NUM_THREADS=" in proc.stdout
 
 
+def test_a_bad_cluster_fails_in_one_line():
+    for bad, expected in (("cluster=nope", "config error: cluster: no option 'nope'; available: local p3dn p4d p5"),
+                          ("cluster.nodez=2", "config error: cluster.nodez: no such config key (did you mean 'cluster.nodes'?)")):
+        for script in ("launch.py", "slurm.py"):
+            proc = subprocess.run([sys.executable, str(REPO / "launch" / script), bad, "--", "train.max_steps=3"],
+                                  cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 2 and proc.stderr.strip() == f"error: {expected}", (script, proc.stderr[-2000:])
+
+
 def test_a_bad_training_override_fails_in_one_line():
     proc = launch("cluster=local", "--", "train.lr=fast")
     assert proc.returncode == 2 and proc.stdout == ""

@@ -147,6 +147,17 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(slurm_one, mo
     assert_same_weights(tmp_path, two_task_run, rtol=1e-5, atol=1e-6)
 
 
+def test_scancel_ends_the_job_without_a_requeue(slurm_one, model_dir, cache_dir, tmp_path):
+    job = sbatch(slurm_one, tmp_path, ["cluster=local", "cluster.gpus_per_node=2"],
+                 train_args(model_dir, cache_dir, 2000))
+    wait_for(lambda: logged_steps(tmp_path) >= 2, what="2 logged training steps")
+    subprocess.run(["scancel", job], env=proc_env(slurm_one), check=True)
+    assert wait_done(slurm_one, job, timeout=120) == "CANCELLED"
+    time.sleep(5)  # a requeue would show here: the job pending or running again
+    log = (tmp_path / "slurm.log").read_text()
+    assert job_state(slurm_one, job) == "CANCELLED" and "requeueing" not in log, log[-3000:]
+
+
 def test_hydra_multirun_through_submitit_writes_summary(slurm_one, model_dir, cache_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
     start = time.time()

@@ -9,3 +9,21 @@
 
 Nothing here imports torch at module level: these run on login nodes and in batch shells.
 """
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+
+def job_overrides(overrides: Sequence[str], world_size: int, output_dir: Optional[object] = None) -> List[str]:
+    """The user's training overrides for a job of `world_size` processes.
+
+    Several processes need a distributed strategy and the default (`single`) refuses them, so DDP is added unless
+    the user named one; a job that owns its run dir replaces any `output_dir=` given.
+    """
+    out = [o for o in overrides if output_dir is None or not o.startswith("output_dir=")]
+    if world_size > 1 and not any(o.startswith("strategy=") for o in out):
+        out.append("strategy=ddp")
+    if output_dir is not None:
+        out.append(f"output_dir={output_dir}")
+    return out

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
+from ft_dist.launch import job_overrides
 from ft_dist.launch.slurm_cli import check_train_overrides, compose_launch, split_argv
 
 TRAIN = "launch/train.py"
@@ -50,10 +51,7 @@ def build_command(cluster: object, overrides: List[str], master_addr: str, port:
             cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{master_addr}:{port}", "--rdzv_id", "ft-dist"]
         else:
             cmd += ["--master_addr", master_addr, "--master_port", str(port)]
-    world = nodes * gpus
-    if world > 1 and not any(o.startswith("strategy=") for o in overrides):
-        overrides = [*overrides, "strategy=ddp"]
-    return [*cmd, TRAIN, *overrides]
+    return [*cmd, TRAIN, *job_overrides(overrides, nodes * gpus)]
 
 
 def main(argv: Optional[List[str]] = None) -> None:

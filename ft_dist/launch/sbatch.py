@@ -17,20 +17,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ft_dist import EXIT_REQUEUE
+from ft_dist.launch import job_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def train_overrides(overrides: Sequence[str], run_dir: Path, resume: bool, world_size: int = 1) -> List[str]:
-    """The job's training overrides: the user's, with the run directory fixed and resume as asked.
-
-    Several processes need a distributed strategy; the default (`single`) refuses them, so DDP is chosen unless the
-    user named one.
-    """
-    out = [o for o in overrides if not o.startswith("output_dir=")]
-    if world_size > 1 and not any(o.startswith("strategy=") for o in out):
-        out.append("strategy=ddp")
-    out.append(f"output_dir={run_dir}")
+    """The job's training overrides (`job_overrides`: a distributed strategy, this run dir), resume as asked."""
+    out = job_overrides(overrides, world_size, output_dir=run_dir)
     if not any(o.startswith("train.resume=") for o in out):  # the user's own choice wins
         out.append("train.resume=auto" if resume else "train.resume=null")
     return out
@@ -64,9 +58,11 @@ RESTART="${SLURM_RESTART_COUNT:-0}"
 read -r HEAD_ADDR HEAD_PORT < <(__PYTHON__ -m ft_dist.launch.rendezvous) || { echo "[ft-dist] no rendezvous address"; exit 1; }
 echo "[ft-dist] $(date '+%F %T') job $SLURM_JOB_ID restart $RESTART on $SLURM_JOB_NODELIST; rendezvous $HEAD_ADDR:$HEAD_PORT"
 
-preempted=0
+# USR1 is the time-limit warning (--signal=B:USR1@N): checkpoint, then requeue. TERM is scancel (or the allocation
+# ending): the training still checkpoints, but the job must not come back (Slurm's own preemption requeues itself).
+preempted=0; cancelled=0
 forward() {
-  preempted=1
+  if [ "$1" = USR1 ]; then preempted=1; else cancelled=1; fi
   echo "[ft-dist] $(date '+%F %T') got SIG$1: forwarding to the training processes"
   [ -n "${srun_pid:-}" ] && kill -s "$1" "$srun_pid" 2>/dev/null
 }
@@ -89,7 +85,7 @@ done
 echo "[ft-dist] $(date '+%F %T') training exited with $rc"
 
 finished=0; [ -f "$RUN_DIR/eval.json" ] && finished=1
-if [ "$rc" = __EXIT_REQUEUE__ ] || { [ "$preempted" = 1 ] && [ "$finished" = 0 ]; }; then
+if [ "$cancelled" = 0 ] && { [ "$rc" = __EXIT_REQUEUE__ ] || { [ "$preempted" = 1 ] && [ "$finished" = 0 ]; }; }; then
   if [ "$RESTART" -lt __MAX_REQUEUES__ ]; then
     echo "[ft-dist] $(date '+%F %T') checkpointed; requeueing job $SLURM_JOB_ID (restart $((RESTART + 1)))"
     scontrol requeue "$SLURM_JOB_ID"

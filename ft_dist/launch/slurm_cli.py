@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ft_dist.launch import sbatch
 
@@ -35,34 +35,34 @@ def compose_launch(overrides: List[str]) -> DictConfig:
     import ft_dist.cli as cli
     from ft_dist.launch.schema import register
 
+    from ft_dist.errors import UserError
+
     register(ConfigStore.instance())
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="slurm_launch", overrides=overrides)
-    GlobalHydra.instance().clear()
-    return cfg
+    try:
+        with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
+            return compose(config_name="slurm_launch", overrides=overrides)
+    except Exception as ex:  # a wrong cluster name or key: the one line ft-train would print
+        raise UserError(cli._describe_composition_error("slurm_launch", ex)) from ex
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def check_train_overrides(overrides: List[str]) -> None:
     """Compose and validate the training config, as `ft-train` would before starting."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     import ft_dist.cli as cli
     from ft_dist.config import validate
-
     from ft_dist.errors import UserError
 
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides)
-        OmegaConf.resolve(cfg)
-    except Exception as ex:  # Hydra's and OmegaConf's own errors: the same one line ft-train prints
-        raise UserError("training overrides: " + cli._describe_composition_error("train", ex)) from ex
+        cli.compose_checked("train", overrides, validate)
+    except UserError as err:
+        raise UserError("training overrides: " + str(err)) from err
     finally:
         GlobalHydra.instance().clear()
-    validate(cfg)
 
 
 def prepare(argv: List[str]) -> Tuple[DictConfig, Path]:
@@ -84,10 +84,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         cfg, script = prepare(list(sys.argv[1:] if argv is None else argv))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as ex:  # Hydra/OmegaConf composition errors: one line
-        print("error: " + " ".join(str(ex).split()), file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)
     print(f"wrote {script}")
     if cfg.submit:
         job = sbatch.submit(script)

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+from ft_dist.launch import job_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NPROC_ENV = "FT_DIST_NPROC_PER_NODE"
@@ -30,10 +31,7 @@ SUMMARY_METRICS = ("final_train_loss", "eval_loss", "eval_perplexity", "exact_ma
 def member_overrides(task_overrides: List[str], run_dir: Path, world_size: int, cfg: DictConfig,
                      sweep_name: str) -> List[str]:
     """The training overrides for one member: its sweep values, its run dir, a distributed strategy, a W&B group."""
-    out = [o for o in task_overrides if not o.startswith("output_dir=")]
-    out.append(f"output_dir={run_dir}")
-    if world_size > 1 and not any(o.startswith("strategy=") for o in out):
-        out.append("strategy=ddp")
+    out = job_overrides(task_overrides, world_size, output_dir=run_dir)
     if cfg.logger.name == "wandb" and cfg.logger.group is None:
         out.append(f"logger.group={sweep_name}")  # W&B groups the sweep's runs together
     return out

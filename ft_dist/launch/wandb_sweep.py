@@ -29,6 +29,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import yaml
 
+from ft_dist.launch import job_overrides
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -63,8 +65,7 @@ def sweep_config(overrides: Sequence[str], nproc_per_node: int = 1, method: str 
     if method == "grid" and any("values" not in p for p in parameters.values()):
         raise ValueError("grid search needs discrete values; use --method random for interval(...)")
     torchrun = ["--standalone", "--nproc_per_node", str(nproc_per_node), "--max_restarts", "0"]
-    if nproc_per_node > 1 and not any(f.startswith("strategy=") for f in fixed):
-        fixed.append("strategy=ddp")
+    fixed = job_overrides(fixed, nproc_per_node)
     if not any(f.startswith("logger=") for f in fixed):
         fixed.append("logger=wandb")
     runs = Path(runs_dir).resolve()
