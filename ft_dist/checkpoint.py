@@ -1,7 +1,7 @@
-"""Writing run outputs atomically: the resolved config and the final HF-format model.
+"""Run outputs: the resolved config, the final HF-format model (streamed), training checkpoints, export.
 
-Everything is written into a temporary sibling directory and renamed into place, so a crash mid-save leaves
-either the previous complete output or nothing, never a half-written directory that loads wrongly.
+Everything is written atomically (ft_dist.atomic_io): a crash mid-save leaves either the previous complete output
+or nothing, never a half-written directory that loads wrongly.
 """
 
 from __future__ import annotations
@@ -9,40 +9,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
+import torch
 from omegaconf import OmegaConf
 
+from ft_dist.atomic_io import atomic_dir, atomic_write_text  # noqa: F401  (re-exported for the commands)
 from ft_dist.tracking import scrub_secrets
 
-
-@contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temp dir; on success it replaces `target` (the old one is removed only after the new one is in place)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        old: Optional[Path] = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+MAX_SHARD_BYTES = 2 * 2**30
+"""Safetensors shards of at most 2 GiB: the writing rank holds one shard at a time, never the model."""
 
 
 def config_yaml(cfg: Any) -> str:
@@ -50,30 +27,24 @@ def config_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(scrub_secrets(OmegaConf.to_container(cfg, resolve=True))))
 
 
-def save_final_model(model: Any, tokenizer: Any, cfg: Any, target: Path) -> Path:
-    """Save an HF model dir (safetensors + tokenizer + ft_config.yaml) that `from_pretrained` loads.
+def merge_on_save(cfg: Any) -> bool:
+    """A LoRA run writes the merged model with peft.merge_on_save, and always when the base was built from config
+    (such a base exists nowhere else, so the adapter alone could not be used)."""
+    return bool(cfg.peft.merge_on_save or cfg.model.from_config or cfg.model.name_or_path is None)
 
-    A LoRA model saves its adapter under `adapter/`; with peft.merge_on_save (forced when the base was built from
-    config, since such a base exists nowhere else) the merged full model is what `target` itself holds.
+
+def save_final_model(units: Any, twin: torch.nn.Module, tokenizer: Any, cfg: Any, target: Path, write: bool = True,
+                     max_shard_bytes: int = MAX_SHARD_BYTES) -> Optional[Path]:
+    """Stream the model into an HF dir (sharded safetensors in the training dtype + tokenizer + ft_config.yaml).
+
+    `units` yields the full tensors one unit (block) at a time, see Strategy.gathered_units; every rank iterates
+    it, only `write` (rank 0) writes. A LoRA model saves its adapter under `adapter/`, and the merged model in
+    `target` itself when merge_on_save(cfg).
     """
-    merge = cfg.peft.merge_on_save or cfg.model.from_config or cfg.model.name_or_path is None
-    return write_hf_model(model, tokenizer, cfg, target, merge_lora=merge)
+    from ft_dist.hf_weights import SAVE_DTYPES, write_hf_model
 
-
-def write_hf_model(model: Any, tokenizer: Any, cfg: Any, target: Path, merge_lora: bool) -> Path:
-    """Atomically write `model` (merging a LoRA adapter when asked; the adapter also goes to adapter/)."""
-    with atomic_dir(Path(target)) as tmp:
-        if hasattr(model, "peft_config"):
-            model.save_pretrained(tmp / "adapter", safe_serialization=True)
-            tokenizer.save_pretrained(tmp / "adapter")
-            if merge_lora:
-                model = model.merge_and_unload()
-                model.save_pretrained(tmp, safe_serialization=True)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "ft_config.yaml").write_text(config_yaml(cfg))
-    return Path(target)
+    return write_hf_model(units, twin, tokenizer, Path(target), SAVE_DTYPES[cfg.train.precision], merge_on_save(cfg),
+                          max_shard_bytes, {"ft_config.yaml": config_yaml(cfg)}, write=write)
 
 
 # --- training checkpoints ---------------------------------------------------------------------------------------
@@ -113,8 +84,6 @@ def find_resume_checkpoint(resume: Optional[str], out_dir: Path, key: str = "tra
 def _rng_state() -> Dict[str, Any]:
     import random
 
-    import torch
-
     state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -124,17 +93,50 @@ def _rng_state() -> Dict[str, Any]:
 def _set_rng_state(state: Dict[str, Any]) -> None:
     import random
 
-    import torch
-
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
+CHECKPOINT_FILE_BYTES = 256 * 2**20
+"""Each rank's part of a checkpoint goes into files of about this size, written one after the other."""
+
+
+def checkpoint_writer(path: Path, max_file_bytes: int = CHECKPOINT_FILE_BYTES) -> Any:
+    """DCP's FileSystemWriter, writing this rank's items into files of at most `max_file_bytes`, one at a time.
+
+    DCP keeps every tensor of a file alive until the file is complete, and a tensor that is a view into a larger
+    buffer (every DeepSpeed partition: a slice of a flat group) is first copied. With one file per rank that is a
+    second copy of the rank's whole checkpoint in host memory; with bounded files it is one file's worth. FSDP2
+    shards own their storage and are never copied.
+    """
+    import queue
+
+    import torch.distributed.checkpoint.filesystem as fs
+
+    class BoundedFileWriter(fs.FileSystemWriter):
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            files: list = [[]]
+            size = 0
+            for item in sorted(plan.items, key=lambda i: i.type != fs.WriteItemType.BYTE_IO):
+                item_bytes = fs._item_size(item) if item.type != fs.WriteItemType.BYTE_IO else 0
+                if files[-1] and size + item_bytes > max_file_bytes:
+                    files.append([])
+                    size = 0
+                files[-1].append(item)
+                size += item_bytes
+            file_queue: queue.Queue = queue.Queue()
+            for i, items in enumerate(files):
+                name = f"{plan.storage_data.prefix}{i}{fs.DEFAULT_SUFFIX}"
+                file_queue.put((self.fs.concat_path(self.path, name), name, items))
+            return self._write_data(planner, file_queue)
+
+    return BoundedFileWriter(str(path), thread_count=1)
+
+
 def save_checkpoint(strategy: Any, scheduler: Any, out_dir: Path, step: int, meta: Dict[str, Any], keep: int) -> Path:
     """Write checkpoints/step-<step>/ collectively; complete only once every rank has written its part."""
-    import torch
     import torch.distributed.checkpoint as dcp
 
     from ft_dist import dist
@@ -145,7 +147,7 @@ def save_checkpoint(strategy: Any, scheduler: Any, out_dir: Path, step: int, met
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save(strategy.checkpoint_state(), checkpoint_id=str(tmp / "state"))
+    dcp.save(strategy.checkpoint_state(), storage_writer=checkpoint_writer(tmp / "state"))
     extra = {"scheduler": scheduler.state_dict(), "rng": _rng_state()}
     if getattr(strategy, "scaler", None) is not None:
         extra["scaler"] = strategy.scaler.state_dict()
@@ -175,7 +177,6 @@ def read_meta(path: Path) -> Dict[str, Any]:
 
 def load_checkpoint(strategy: Any, scheduler: Any, path: Path) -> Dict[str, Any]:
     """Restore model, optimizer, scheduler, loss scaler and (same layout only) RNG from a complete checkpoint."""
-    import torch
     import torch.distributed.checkpoint as dcp
 
     from ft_dist import dist
@@ -195,19 +196,40 @@ def load_checkpoint(strategy: Any, scheduler: Any, path: Path) -> Dict[str, Any]
     return meta
 
 
-def export_checkpoint(run_cfg: Any, checkpoint: Path, target: Path, merge_lora: bool = True) -> Path:
-    """Turn a training checkpoint (any strategy, any world size) into an HF model dir that plain
-    `AutoModelForCausalLM.from_pretrained` loads. Runs in one process: DCP reads every rank's shards."""
+def checkpoint_units(checkpoint: Path, twin: torch.nn.Module) -> Iterator[Dict[str, torch.Tensor]]:
+    """The model weights of a training checkpoint, one transformer block at a time (then the rest), read by DCP
+    from every rank's files into tensors of this process: memory is bounded by one block, never the model."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from ft_dist.models import apply_peft, build_model, load_tokenizer, recompute_non_persistent_buffers
+    from ft_dist.models import block_prefixes, model_tensors
+
+    names = {n: (tuple(t.shape), t.dtype) for n, t in model_tensors(twin).items()}
+    prefixes = block_prefixes(twin)
+    groups: Dict[str, list] = {p: [] for p in prefixes}
+    rest = []
+    for n in names:
+        owner = next((p for p in prefixes if n.startswith(p + ".")), None)
+        (groups[owner] if owner else rest).append(n)
+    for members in [*groups.values(), rest]:
+        if not members:
+            continue
+        unit = {n: torch.empty(names[n][0], dtype=names[n][1]) for n in members}
+        dcp.load({"model": unit}, checkpoint_id=str(Path(checkpoint) / "state"))
+        yield unit
+        del unit
+
+
+def export_checkpoint(run_cfg: Any, checkpoint: Path, target: Path, merge_lora: bool = True,
+                      max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Turn a training checkpoint (any strategy, any world size) into an HF model dir that plain
+    `AutoModelForCausalLM.from_pretrained` loads. One process; it holds one block and one shard at a time."""
+    from ft_dist.hf_weights import SAVE_DTYPES, write_hf_model
+    from ft_dist.models import apply_peft, build_model, load_tokenizer
 
     tokenizer = load_tokenizer(run_cfg.model)
-    model = apply_peft(build_model(run_cfg.model, tokenizer, meta=True), run_cfg.peft)
-    model.to_empty(device="cpu")
-    state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(Path(checkpoint) / "state"))
-    set_model_state_dict(model, state["model"])
-    recompute_non_persistent_buffers(model)
-    return write_hf_model(model, tokenizer, run_cfg, Path(target), merge_lora)
+    twin = apply_peft(build_model(run_cfg.model, tokenizer, meta=True), run_cfg.peft)
+    out = write_hf_model(checkpoint_units(checkpoint, twin), twin, tokenizer, Path(target),
+                         SAVE_DTYPES[run_cfg.train.precision], merge_lora, max_shard_bytes,
+                         {"ft_config.yaml": config_yaml(run_cfg)})
+    assert out is not None
+    return out

@@ -75,6 +75,8 @@ class TrainConfig:
     """Also checkpoint when this many minutes passed since the last one (0: off)."""
     keep_checkpoints: int = 2
     """Keep the newest K complete checkpoints."""
+    max_shard_gb: float = 2.0
+    """Largest safetensors file of the final HF model; the saving rank holds one such shard at a time."""
     resume: Optional[str] = "auto"
     """auto: continue from the newest complete checkpoint in output_dir (fresh start if none) | a path | null."""
     resume_ignore_config: bool = False
@@ -96,7 +98,7 @@ class StrategyConfig:
     """Process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo."""
     zero_stage: int = 0
     offload_optimizer: str = "none"
-    """none | cpu | nvme (DeepSpeed)."""
+    """none | cpu (DeepSpeed). nvme is refused: sharded checkpoints need the states in memory."""
     offload_params: str = "none"
     nvme_path: Optional[str] = None
     cpu_offload: bool = False
@@ -135,6 +137,22 @@ class LoggerConfig:
 
 
 @dataclass
+class DryRunConfig:
+    """Check a cluster job on one CPU before booking it: the same config and strategy code, on fake tensors and a
+    fake process group, as rank 0 of `world_size` ranks (ft_dist/dry_run.py)."""
+
+    world_size: int = 0
+    """Ranks to simulate, e.g. 64 for 8 nodes x 8 GPUs; 0 runs the job for real."""
+    gpus_per_node: int = 8
+    """GPUs per node of the simulated cluster (the planner's nodes = world_size / gpus_per_node)."""
+    steps: int = 2
+    """Optimizer steps to simulate; the second is the steady state (optimizer states exist)."""
+    fake_tensors: bool = True
+    """False: real tensors on the fake process group, which allocates what rank 0 of the real job would (for
+    checking the fake figures on a model small enough to hold)."""
+
+
+@dataclass
 class RunConfig:
     """A training run (`ft-train`)."""
 
@@ -145,6 +163,7 @@ class RunConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dry_run: DryRunConfig = field(default_factory=DryRunConfig)
     output_dir: str = MISSING
     """The run directory: config.yaml, metrics.jsonl, checkpoints/, final/."""
     device: str = "auto"
@@ -158,6 +177,8 @@ class ExportConfig:
     checkpoint: str = MISSING
     """A checkpoints/step-<N> dir, or a run dir (its newest complete checkpoint)."""
     output: str = MISSING
+    max_shard_gb: float = 2.0
+    """Largest safetensors file written; export holds one shard and one transformer block at a time."""
     merge_lora: bool = True
     """For LoRA runs: also write the merged full model (the adapter goes to output/adapter either way)."""
 
@@ -194,12 +215,13 @@ _CHOICES: Dict[str, tuple] = {
 }
 
 _POSITIVE = (
-    "train.micro_batch_size", "train.grad_accum", "train.lr", "train.epochs",
+    "train.micro_batch_size", "train.grad_accum", "train.lr", "train.epochs", "train.max_shard_gb",
     "train.log_every", "eval.max_new_tokens", "eval.batch_size", "peft.r", "peft.alpha",
 )
 _NON_NEGATIVE = (
     "train.weight_decay", "train.warmup_steps", "train.max_grad_norm", "train.eval_every", "train.eval_batches",
     "train.save_every", "train.num_workers", "train.save_minutes", "eval.max_examples", "strategy.zero_stage",
+    "dry_run.world_size",
 )
 
 
@@ -242,6 +264,11 @@ def validate(cfg: Any) -> None:
         raise ConfigError("model.tokenizer", "expected a tokenizer path or id when the model has no name_or_path")
     validate_data(cfg.data)
     sc = cfg.strategy
+    if "nvme" in (sc.offload_optimizer, sc.offload_params):
+        # Swapped-out optimizer states are not in memory, where sharded checkpoints (and their resume) read them.
+        raise ConfigError("strategy.offload_optimizer" if sc.offload_optimizer == "nvme" else "strategy.offload_params",
+                          "NVMe offload is not supported: ft-dist's sharded checkpoints read and write each rank's "
+                          "states in memory; use cpu (strategy=zero3_offload)")
     if sc.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("strategy.zero_stage", f"expected 0, 1, 2 or 3, got {sc.zero_stage}")
     if sc.name == "deepspeed" and sc.zero_stage == 0:
@@ -250,5 +277,27 @@ def validate(cfg: Any) -> None:
         raise ConfigError("strategy.name", f"zero_stage and offload_* are DeepSpeed settings; got them with strategy {sc.name}")
     if sc.offload_params != "none" and sc.zero_stage != 3:
         raise ConfigError("strategy.offload_params", "parameter offload needs ZeRO stage 3 (strategy=zero3_offload)")
-    if "nvme" in (sc.offload_optimizer, sc.offload_params) and not sc.nvme_path:
-        raise ConfigError("strategy.nvme_path", "expected a directory on a local NVMe disk for NVMe offload")
+    dr = getattr(cfg, "dry_run", None)
+    if dr is not None and dr.world_size:
+        validate_dry_run(cfg)
+
+
+def validate_dry_run(cfg: Any) -> None:
+    """What a dry run can simulate, refused in one line before anything is built."""
+    dr, sc = cfg.dry_run, cfg.strategy
+    if dr.world_size < 2:
+        raise ConfigError("dry_run.world_size", f"expected >= 2 ranks to simulate (0 for a real run), got {dr.world_size}")
+    if dr.gpus_per_node < 1 or (dr.world_size % dr.gpus_per_node and dr.world_size > dr.gpus_per_node):
+        raise ConfigError("dry_run.gpus_per_node", f"expected a divisor of dry_run.world_size={dr.world_size}, got {dr.gpus_per_node}")
+    if dr.steps < 1:
+        raise ConfigError("dry_run.steps", f"expected >= 1, got {dr.steps}")
+    if not (sc.name == "fsdp" or (sc.name == "deepspeed" and sc.zero_stage == 3)):
+        raise ConfigError("strategy", f"a dry run simulates the sharded strategies (strategy=fsdp or zero3), got "
+                                      f"{sc.name}{' stage ' + str(sc.zero_stage) if sc.zero_stage else ''}; "
+                                      "ft-plan gives the analytic figure for the others")
+    if sc.offload_params != "none" or sc.offload_optimizer != "none" or sc.cpu_offload:
+        raise ConfigError("strategy", "a dry run measures device memory; offloaded states live on the host, "
+                                      "whose use ft-plan estimates: dry-run the same strategy without offload")
+    if not cfg.model.arch or "model_type" not in cfg.model.arch:
+        raise ConfigError("model.arch", "a dry run builds the model from its architecture (no weights are read); "
+                                        "expected model.arch with the HF config fields, as in conf/model/")

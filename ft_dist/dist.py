@@ -94,8 +94,28 @@ def _attempt_store() -> Any:
     return dist.PrefixStore(f"ft-dist/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+_MESHES: Dict[str, Any] = {}
+
+
+def device_mesh(device_type: str) -> Any:
+    """The 1-D mesh over all ranks (created once). A dry run creates it before entering FakeTensorMode, where mesh
+    creation cannot run."""
+    if device_type not in _MESHES:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        _MESHES[device_type] = init_device_mesh(device_type, (_WORLD.size,))
+    return _MESHES[device_type]
+
+
+def set_world(world: World) -> None:
+    """Install `world` (a dry run's simulated rank in a fake process group)."""
+    global _WORLD
+    _WORLD = world
+
+
 def close() -> None:
     """Destroy the process group after a barrier, so no rank exits while another still talks to it."""
+    _MESHES.clear()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -122,6 +142,15 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """Every rank's `obj`, in rank order, on every rank (small picklable values: metrics, memory records)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 @contextlib.contextmanager

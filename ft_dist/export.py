@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ft_dist import dist
 from ft_dist.checkpoint import CHECKPOINTS, export_checkpoint, find_resume_checkpoint
 from ft_dist.errors import ConfigError
+from ft_dist.phase_memory import PhaseMemory
 
 
 def run(cfg: DictConfig) -> int:
@@ -19,6 +21,11 @@ def run(cfg: DictConfig) -> int:
     from ft_dist import cli  # noqa: F401  (registers the resolvers the saved config may still name)
 
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
-    out = export_checkpoint(run_cfg, checkpoint, Path(cfg.output), merge_lora=cfg.merge_lora)
-    dist.log(f"exported {checkpoint} -> {out}")
+    memory = PhaseMemory(torch.device("cpu"))
+    with memory.phase("export"):
+        out = export_checkpoint(run_cfg, checkpoint, Path(cfg.output), merge_lora=cfg.merge_lora,
+                                max_shard_bytes=int(cfg.max_shard_gb * 2**30))
+    peak = memory.phases["export"]["host_peak"]
+    dist.log(f"exported {checkpoint} -> {out} (peak host memory {peak / 2**30:.2f} GiB, "
+             f"baseline {memory.baseline / 2**30:.2f} GiB)")
     return 0

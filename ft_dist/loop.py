@@ -23,6 +23,7 @@ from ft_dist import dist
 from ft_dist.data.batching import GlobalBatchSampler, collate, count_real_tokens, examples_from_rows
 from ft_dist.data.prepare import PreparedData
 from ft_dist.optim import build_scheduler
+from ft_dist.phase_memory import PhaseMemory
 from ft_dist.strategies.base import Strategy
 from ft_dist.tracking import Tracker
 
@@ -87,6 +88,25 @@ def evaluate_loss(strategy: Strategy, dataset: Any, pad_id: int, batch_size: int
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
+def forward_backward(strategy: Strategy, batches: List[Dict[str, torch.Tensor]], n_global: float,
+                     poison: bool = False) -> torch.Tensor:
+    """Forward and backward over one optimizer step's micro-batches (gradient sync on the last one only).
+
+    Returns the step's loss on this rank as a device tensor (no host sync here). Each micro-batch's loss is its
+    response-token sum over the global batch's token count, so the summed loss is the exact per-token mean.
+    `poison` (tests) multiplies the loss by NaN, to drive the non-finite guard through backward and step.
+    """
+    total = torch.zeros((), device=strategy.world.device)
+    for a, batch in enumerate(batches):
+        with strategy.autocast():
+            out = strategy.model(**batch, use_cache=False, num_items_in_batch=n_global)
+        loss = out.loss * float("nan") if poison else out.loss
+        # Data-parallel engines average gradients over replicas; scale so the result is the global-token mean.
+        strategy.backward(loss * strategy.dp_size, sync=a == len(batches) - 1)
+        total = total + loss.detach().float()
+    return total
+
+
 @dataclass
 class RunPosition:
     """Where a run stands, as written into each checkpoint's meta.json."""
@@ -101,8 +121,11 @@ class RunPosition:
 
 def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracker, pad_id: int, out_dir: Path,
                resume_from: Optional[Path] = None, config_fingerprint: Optional[Dict[str, Any]] = None,
-               extra_eval: Optional[Callable[[], Dict[str, float]]] = None) -> LoopResult:
+               extra_eval: Optional[Callable[[], Dict[str, float]]] = None,
+               memory: Optional[PhaseMemory] = None) -> LoopResult:
     """Train for the configured steps; `extra_eval` adds metrics (e.g. a generation sample) at each periodic eval.
+
+    `memory` records the peak of each phase (train steps, eval, save, resume) on this rank.
 
     Checkpoints are written every `train.save_every` steps / `train.save_minutes` minutes, and at the first step
     boundary after a preemption signal on any rank, after which the result says `preempted` (exit 85).
@@ -119,17 +142,21 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
     layout = {"world_size": world.size, "micro_batch_size": tc.micro_batch_size, "grad_accum": tc.grad_accum,
               "global_batch": sampler.global_batch, "strategy": cfg.strategy.name}
 
+    memory = memory or PhaseMemory(world.device)
+
     def save(step: int) -> None:
         meta = {"step": step, "samples_consumed": step * sampler.global_batch, **layout,
                 "config": config_fingerprint or {}, "saved_at": time.time()}
         t0 = time.time()
-        path = save_checkpoint(strategy, scheduler, out_dir, step, meta, tc.keep_checkpoints)
+        with memory.phase("save"):
+            path = save_checkpoint(strategy, scheduler, out_dir, step, meta, tc.keep_checkpoints)
         dist.log(f"checkpoint: {path} ({time.time() - t0:.1f} s)")
 
     start_step = 0
     if resume_from is not None:
         t0 = time.time()
-        meta = load_checkpoint(strategy, scheduler, resume_from)
+        with memory.phase("resume"):
+            meta = load_checkpoint(strategy, scheduler, resume_from)
         start_step = meta["samples_consumed"] // sampler.global_batch
         dist.log(f"resumed from {resume_from} at step {start_step} ({meta['samples_consumed']} samples consumed, "
                  f"saved by world size {meta['world_size']}; {time.time() - t0:.1f} s)")
@@ -147,29 +174,22 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
         micro_batches = sampler.micro_batches(step)
         # Every rank can count the global batch's loss tokens from the precomputed column: no communication.
         n_global = sum(num_loss_tokens[i] for i in sampler.global_indices(step))
-        loss_sum, tokens = 0.0, 0.0
-        for a, indices in enumerate(micro_batches):
-            rows = data.train[indices]
-            batch = _to(collate(examples_from_rows(rows), pad_id), world.device)
-            with strategy.autocast():
-                out = strategy.model(**batch, use_cache=False, num_items_in_batch=n_global)
-            if poison_from and step + 1 >= poison_from:
-                out.loss = out.loss * float("nan")
-            # Data-parallel engines average gradients over replicas; scale so the result is the global-token mean.
-            strategy.backward(out.loss * strategy.dp_size, sync=a == len(micro_batches) - 1)
-            loss_sum += float(out.loss.detach())
-            tokens += count_real_tokens(batch)
-        due = bool(tc.save_minutes) and world.is_main and time.time() - last_save >= 60 * tc.save_minutes
-        # One all-reduce per step carries the loss, the token count and every rank's stop/save requests.
-        loss, tokens, preempt, due = dist.all_reduce_sum([loss_sum, tokens, float(dist.preemption_signalled()), float(due)])
-        done = step + 1
-        if not math.isfinite(loss) and not strategy.can_skip_steps:
-            grad_norm = float("nan")
-        elif not math.isfinite(loss):
-            strategy.skip_step()
-            grad_norm = float("nan")
-        else:
-            grad_norm = strategy.step(tc.max_grad_norm)
+        cpu_batches = [collate(examples_from_rows(data.train[indices]), pad_id) for indices in micro_batches]
+        tokens = float(sum(count_real_tokens(b) for b in cpu_batches))
+        with memory.phase("train"):
+            loss_sum = float(forward_backward(strategy, [_to(b, world.device) for b in cpu_batches], n_global,
+                                              poison=bool(poison_from) and step + 1 >= poison_from))
+            due = bool(tc.save_minutes) and world.is_main and time.time() - last_save >= 60 * tc.save_minutes
+            # One all-reduce per step carries the loss, the token count and every rank's stop/save requests.
+            loss, tokens, preempt, due = dist.all_reduce_sum([loss_sum, tokens, float(dist.preemption_signalled()), float(due)])
+            done = step + 1
+            if not math.isfinite(loss) and not strategy.can_skip_steps:
+                grad_norm = float("nan")
+            elif not math.isfinite(loss):
+                strategy.skip_step()
+                grad_norm = float("nan")
+            else:
+                grad_norm = strategy.step(tc.max_grad_norm)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             bad_in_a_row = 0
             lr = scheduler.get_last_lr()[0]
@@ -203,9 +223,10 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
             tracker.log(done, metrics)
             window_tokens, window_start = 0.0, now
         if (tc.eval_every and done % tc.eval_every == 0) or done == steps:
-            ev = evaluate_loss(strategy, data.test, pad_id, cfg.eval.batch_size, tc.eval_batches if done != steps else 0)
-            if extra_eval is not None and done != steps:
-                ev.update(extra_eval())
+            with memory.phase("eval"):
+                ev = evaluate_loss(strategy, data.test, pad_id, cfg.eval.batch_size, tc.eval_batches if done != steps else 0)
+                if extra_eval is not None and done != steps:
+                    ev.update(extra_eval())
             ev["step"] = done
             result.eval_history.append(ev)
             tracker.log(done, {k: v for k, v in ev.items() if k != "step"})
@@ -218,7 +239,8 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
             result.preempted = True
             break
     if start_step >= steps:  # resumed a run that had already finished: just report where it stands
-        ev = evaluate_loss(strategy, data.test, pad_id, cfg.eval.batch_size)
+        with memory.phase("eval"):
+            ev = evaluate_loss(strategy, data.test, pad_id, cfg.eval.batch_size)
         result.eval_history.append({**ev, "step": steps})
     result.seconds = time.time() - start
     return result

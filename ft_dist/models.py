@@ -7,9 +7,11 @@ points to call, keeps `trust_remote_code` off unless asked, and gives every toke
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import string
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -76,11 +78,13 @@ def architecture_config(model_cfg: Any) -> Any:
 
 
 def build_model(model_cfg: Any, tokenizer: Any, path: Optional[str] = None, dtype: torch.dtype = torch.float32,
-                meta: bool = False) -> nn.Module:
+                meta: bool = False, init: bool = True) -> nn.Module:
     """A causal LM: from a saved dir `path`, from pretrained `name_or_path`, or random init from `arch`.
 
     Random init draws from torch's global RNG, so the caller seeds first and every rank builds the same weights.
     `meta=True` builds the structure only (no memory, no weights read): sharding strategies fill it in per shard.
+    `init=False` builds real tensors but neither reads nor initialises them: DeepSpeed partitions them and then
+    streams the pretrained weights into each rank's own partition (`weights_dir` says from where).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -88,22 +92,28 @@ def build_model(model_cfg: Any, tokenizer: Any, path: Optional[str] = None, dtyp
     pretrained = path is not None or not (model_cfg.from_config or model_cfg.name_or_path is None)
     if pretrained and path is not None and (Path(path) / "adapter_config.json").exists():
         return _load_adapter_model(model_cfg, tokenizer, path, dtype)
-    if pretrained and not meta:
+    if pretrained and not meta and init:
         model = AutoModelForCausalLM.from_pretrained(path or model_cfg.name_or_path, dtype=dtype, **common)
     else:
         if pretrained:
             config = AutoConfig.from_pretrained(path or model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
         else:
             config = architecture_config(model_cfg)
-        if getattr(config, "vocab_size", 0) < len(tokenizer):
-            raise ConfigError("model.arch.vocab_size", f"expected >= the tokenizer's {len(tokenizer)} tokens, got {config.vocab_size}")
-        config.pad_token_id = tokenizer.pad_token_id
-        config.eos_token_id = tokenizer.eos_token_id
-        with torch.device("meta") if meta else contextlib.nullcontext():
+        if tokenizer is not None:  # None: a dry run, which reads no tokenizer (the architecture suffices)
+            if getattr(config, "vocab_size", 0) < len(tokenizer):
+                raise ConfigError("model.arch.vocab_size", f"expected >= the tokenizer's {len(tokenizer)} tokens, got {config.vocab_size}")
+            config.pad_token_id = tokenizer.pad_token_id
+            config.eos_token_id = tokenizer.eos_token_id
+        # A pretrained model built without reading its weights is never initialised either: every value is
+        # streamed in afterwards, so the minutes a 70B random init takes are not spent.
+        from transformers.initialization import no_init_weights
+
+        skip_init = no_init_weights() if pretrained and not init else contextlib.nullcontext()
+        with torch.device("meta") if meta else contextlib.nullcontext(), skip_init:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
-    # Generation stops at the tokenizer's EOS, which training appended to every response.
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if tokenizer is not None:  # generation stops at the tokenizer's EOS, which training appended to every response
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -118,12 +128,13 @@ def _load_adapter_model(model_cfg: Any, tokenizer: Any, path: str, dtype: torch.
 
 
 def apply_peft(model: nn.Module, peft_cfg: Any) -> nn.Module:
-    """Wrap with LoRA adapters (PEFT); the base weights freeze. method=none returns the model unchanged."""
+    """Wrap with LoRA adapters (PEFT); the base weights freeze. method=none returns the model unchanged.
+
+    Each adapter is initialised from a seed derived from `peft.seed` and its module name (see seed_adapters), so
+    it is identical however the base was built: plain, on meta and filled shard by shard, or under zero.Init.
+    """
     if peft_cfg.method == "none":
         return model
-    # Adapters are initialised from their own seed point, so they are identical however the base was built
-    # (plain, on meta, or under DeepSpeed's zero.Init, which draw different amounts of randomness).
-    torch.manual_seed(peft_cfg.seed)
     from peft import LoraConfig, get_peft_model
 
     targets = list(peft_cfg.target_modules)
@@ -135,9 +146,149 @@ def apply_peft(model: nn.Module, peft_cfg: Any) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as err:
         raise ConfigError("peft.target_modules", str(err).splitlines()[0])
+    if not any(p.is_meta for p in model.parameters()):
+        seed_adapters(model, peft_cfg.seed)
+    return model
+
+
+def _seed_for(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") % 2**63
+
+
+def lora_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """(name, layer) of every PEFT LoRA layer, in module order."""
+    from peft.tuners.lora import LoraLayer
+
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer))
+
+
+def reset_lora_layer(layer: nn.Module, name: str, seed: int) -> None:
+    """PEFT's own adapter initialisation, drawn from a generator seeded by (seed, layer name)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seed_for(seed, name))
+        for adapter in list(layer.lora_A.keys()):
+            layer.reset_lora_parameters(adapter, True)
+
+
+def seed_adapters(model: nn.Module, seed: int) -> None:
+    for name, layer in lora_layers(model):
+        reset_lora_layer(layer, name, seed)
+
+
+def is_adapter_name(name: str) -> bool:
+    """A parameter (or module) that PEFT added: it exists in no pretrained checkpoint."""
+    return any(part.startswith("lora_") for part in name.split("."))
+
+
+def initial_values(twin: nn.Module, seed: int, adapter_seed: int, adapters_only: bool) -> Iterator[Dict[str, torch.Tensor]]:
+    """The initial value of every parameter of the meta-device model `twin`, one module at a time (bounded memory).
+
+    For sharded models that cannot run an ordinary init: each module is materialised alone on the CPU,
+    initialised by transformers' `_init_weights` (LoRA layers by PEFT's init) from a seed derived from its name, and
+    yielded as {full parameter name: tensor}. The values are the same at every world size; only the module being
+    yielded exists in memory. With `adapters_only` only the LoRA adapters are produced (the base is loaded); they
+    come from `adapter_seed` (peft.seed) exactly as apply_peft draws them for a model built whole.
+    """
+    hf = twin.get_base_model() if hasattr(twin, "get_base_model") else twin
+    lora = dict(lora_layers(twin))
+    for name, module in twin.named_modules():
+        if name in lora:
+            subs = [m for n, m in module.named_children() if n.startswith("lora_")]
+            for sub in subs:
+                sub.to_empty(device="cpu")
+            reset_lora_layer(module, name, adapter_seed)
+            yield {f"{name}.{n}": p.detach() for n, p in module.named_parameters() if is_adapter_name(n)}
+            for sub in subs:
+                sub.to_empty(device="meta")
+            continue
+        own = list(module.named_parameters(recurse=False))
+        if adapters_only or not own or is_adapter_name(name):
+            continue
+        module.to_empty(device="cpu", recurse=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed_for(seed, name))
+            hf._init_weights(module)
+        yield {f"{name}.{n}" if name else n: p.detach() for n, p in module.named_parameters(recurse=False)}
+        module.to_empty(device="meta", recurse=False)
+
+
+@dataclass
+class ModelSpec:
+    """What a strategy needs to build the run's model its own way: structure, weights source, seeds."""
+
+    model_cfg: Any
+    peft_cfg: Optional[Any]
+    """None: no adapters (evaluating a saved model, which is merged or carries its own adapter)."""
+    tokenizer: Any
+    seed: int
+    path: Optional[str] = None
+    """A saved model dir to load instead of `model.name_or_path` (ft-eval)."""
+
+    @property
+    def weights_dir(self) -> Optional[Path]:
+        """The local HF directory of safetensors the pretrained weights stream from (None: random init)."""
+        if self.path is not None:
+            return resolve_weights_dir(self.path)
+        mc = self.model_cfg
+        if mc.from_config or mc.name_or_path is None:
+            return None
+        return resolve_weights_dir(mc.name_or_path)
+
+    def build(self, meta: bool = False, init: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The (PEFT-wrapped) model; random init is seeded so every rank and every run draws the same weights."""
+        torch.manual_seed(self.seed)
+        model = build_model(self.model_cfg, self.tokenizer, path=self.path, meta=meta, init=init, dtype=dtype)
+        return apply_peft(model, self.peft_cfg) if self.peft_cfg is not None else model
+
+
+def resolve_weights_dir(name_or_path: str) -> Path:
+    """A local directory with the model's safetensors: the path itself, or the hub snapshot (rank 0 fetches it)."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        from ft_dist import dist
+
+        patterns = ["*.json", "*.safetensors"]
+        with dist.main_first():
+            try:
+                path = Path(snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=not dist.is_main()))
+            except Exception as err:  # offline, unknown id, gated repo
+                raise ConfigError("model.name_or_path", f"expected a local model directory or a reachable hub id, "
+                                                        f"got {name_or_path!r}: {str(err).splitlines()[0]}")
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError("model.name_or_path", f"expected safetensors weights in {path} (found none); convert "
+                                                "pickled .bin weights with transformers' save_pretrained(safe_serialization=True)")
+    return path
+
+
+def transformer_blocks(model: nn.Module) -> List[nn.Module]:
+    """The repeated blocks a sharded model is gathered by, one at a time: HF lists them in `_no_split_modules`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ConfigError("strategy", f"found no transformer blocks ({sorted(names)}) to shard in {type(base).__name__}")
+    return blocks
+
+
+def block_prefixes(model: nn.Module) -> List[str]:
+    """The module names of the transformer blocks (e.g. `model.layers.3`), in order."""
+    ids = {id(b) for b in transformer_blocks(model)}
+    return [n for n, m in model.named_modules() if id(m) in ids]
+
+
+def model_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Parameters (a shared one once, under its first name) and persistent buffers, by name; no copies."""
+    out = dict(model.named_parameters())
+    for prefix, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf
+    return out
 
 
 def count_parameters(model: nn.Module) -> Dict[str, int]:

@@ -18,8 +18,9 @@ from ft_dist.checkpoint import atomic_write_text, config_yaml, save_final_model
 from ft_dist.data.prepare import prepare_dataset
 from ft_dist.eval.generation import task_metrics
 from ft_dist.loop import train_loop
-from ft_dist.models import apply_peft, build_model, count_parameters, load_tokenizer
+from ft_dist.models import ModelSpec, count_parameters, load_tokenizer
 from ft_dist.optim import build_optimizer
+from ft_dist.phase_memory import PhaseMemory, format_phase_table
 from ft_dist.strategies import build_strategy
 from ft_dist.tracking import Tracker, scrub_secrets
 
@@ -63,7 +64,7 @@ def format_comparison(before: Optional[Dict[str, Any]], after: Dict[str, Any]) -
 # Settings that may change between a checkpoint and its resume: batch layout (checked separately), cadence of
 # logging/eval/saving, and where things run. Everything else must match, or the resumed run is a different run.
 _RESUMABLE_CHANGES = {"micro_batch_size", "grad_accum", "resume", "resume_ignore_config", "save_every", "save_minutes",
-                      "keep_checkpoints", "log_every", "eval_every", "eval_batches", "num_workers", "nonfinite_limit"}
+                      "keep_checkpoints", "max_shard_gb", "log_every", "eval_every", "eval_batches", "num_workers", "nonfinite_limit"}
 
 
 def config_fingerprint(cfg: DictConfig) -> Dict[str, Any]:
@@ -100,7 +101,23 @@ def check_resumable(cfg: DictConfig, path: Path, world: dist.World) -> None:
                           f"{global_batch}: {hint} so the data position maps exactly")
 
 
+def _digesting(units: Any, out_dir: Path, rank: int) -> Any:
+    """Tests (FT_DIST_PARAM_DIGEST): each rank's view of the gathered weights, written as they stream past."""
+    if not os.environ.get("FT_DIST_PARAM_DIGEST"):
+        yield from units
+        return
+    digest: Dict[str, Any] = {}
+    for unit in units:
+        digest.update({k: [float(v.double().sum()), float(v.double().norm())] for k, v in unit.items()})
+        yield unit
+    (out_dir / f"param_digest.rank{rank}.json").write_text(json.dumps(digest, sort_keys=True))
+
+
 def run(cfg: DictConfig) -> int:
+    if cfg.dry_run.world_size:  # simulate the cluster job in this process (fake tensors, fake process group)
+        from ft_dist import dry_run
+
+        return dry_run.run(cfg)
     world = dist.init(cfg.device, cfg.strategy.backend)
     dist.install_preemption_handlers()
     try:
@@ -127,12 +144,11 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
              f"{data.stats['truncated']} truncated, {data.stats['dropped']} dropped (cache {data.cache_path.name})")
 
     strategy = build_strategy(cfg, world)
-
-    def make_model(meta: bool = False) -> torch.nn.Module:
-        seed_everything(cfg.train.seed)  # same random init on every rank and in every run
-        return apply_peft(build_model(cfg.model, tokenizer, meta=meta), cfg.peft)
-
-    strategy.setup(make_model, lambda params: build_optimizer(params, cfg.train))
+    memory = PhaseMemory(world.device)
+    spec = ModelSpec(cfg.model, cfg.peft, tokenizer, seed=cfg.train.seed)
+    seed_everything(cfg.train.seed)  # same random init on every rank and in every run
+    with memory.phase("build"):
+        strategy.setup(spec, lambda params: build_optimizer(params, cfg.train))
     counts = count_parameters(strategy.unwrapped())
     dist.log(f"model: {cfg.model.name}, {counts['total']:,} parameters, {counts['trainable']:,} trainable "
              f"({cfg.peft.method}), strategy {cfg.strategy.name}, precision {cfg.train.precision}, device {world.device}")
@@ -144,7 +160,9 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
     if cfg.eval.before_training and resume_from is not None and before_file.exists():
         report["before"] = json.loads(before_file.read_text())
     elif cfg.eval.before_training:
-        before = task_metrics(strategy.inference_model(), tokenizer, data.test, cfg.eval, world.device)
+        model, synced = strategy.generation_model()
+        with memory.phase("eval_before"):
+            before = task_metrics(model, tokenizer, data.test, cfg.eval, world.device, synced=synced)
         report["before"] = before["scores"]
         if world.is_main:
             atomic_write_text(before_file, json.dumps(before["scores"]))
@@ -152,13 +170,14 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
 
     def sample_task_metric() -> Dict[str, float]:
         sample_cfg = OmegaConf.merge(cfg.eval, {"max_examples": cfg.eval.during_training})
-        scores = task_metrics(strategy.inference_model(), tokenizer, data.test, sample_cfg, world.device)["scores"]
+        model, synced = strategy.generation_model()
+        scores = task_metrics(model, tokenizer, data.test, sample_cfg, world.device, synced=synced)["scores"]
         return {f"sample_{k}": v for k, v in scores.items() if isinstance(v, float)}
 
     seed_everything(cfg.train.seed)
     result = train_loop(cfg, strategy, data, tracker, tokenizer.pad_token_id, out_dir, resume_from=resume_from,
                         config_fingerprint=config_fingerprint(cfg),
-                        extra_eval=sample_task_metric if cfg.eval.during_training else None)
+                        extra_eval=sample_task_metric if cfg.eval.during_training else None, memory=memory)
     if result.preempted:
         tracker.close()
         if world.is_main:
@@ -166,23 +185,29 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
         return EXIT_REQUEUE
     if world.is_main and (out_dir / "PREEMPTED").exists():
         (out_dir / "PREEMPTED").unlink()
-    final_model = strategy.inference_model()  # a collective for sharded strategies: every rank takes part
-    if os.environ.get("FT_DIST_PARAM_DIGEST"):  # tests: each rank's view of the gathered weights
-        digest = {k: [float(v.double().sum()), float(v.double().norm())] for k, v in strategy.full_state_dict().items()}
-        (out_dir / f"param_digest.rank{world.rank}.json").write_text(json.dumps(digest))
-    after = task_metrics(final_model, tokenizer, data.test, cfg.eval, world.device)
+    strategy.release_optimizer()  # training is over: the final eval and save need the weights only
+    model, synced = strategy.generation_model()
+    with memory.phase("final_eval"):
+        after = task_metrics(model, tokenizer, data.test, cfg.eval, world.device, synced=synced)
     after_scores = {**after["scores"], **{k: v for k, v in result.eval_history[-1].items() if k != "step"}}
     report.update(after=after_scores, train_seconds=result.seconds, tokens=result.tokens, steps=result.steps,
                   final_train_loss=result.train_losses[-1] if result.train_losses else None, eval_history=result.eval_history)
 
     final = out_dir / "final"
+    twin = spec.build(meta=True)  # structure, config and LoRA layers for the writer; no memory
+    with memory.phase("final_save"):
+        save_final_model(_digesting(strategy.gathered_units(), out_dir, world.rank), twin, tokenizer, cfg, final,
+                         write=world.is_main, max_shard_bytes=int(cfg.train.max_shard_gb * 2**30))
+    records = memory.gather()
+    report["memory"] = {"per_rank": records}
     if world.is_main:
-        save_final_model(final_model, tokenizer, cfg, final)
+        atomic_write_text(out_dir / "memory.json", json.dumps({"unit": "bytes", "ranks": records}, indent=1))
         atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2))
         with (out_dir / "samples.jsonl").open("w") as fh:
             for s in after["samples"]:
                 fh.write(json.dumps(s) + "\n")
         tracker.summary({f"final/{k}": v for k, v in after_scores.items() if isinstance(v, float)})
+    dist.log(format_phase_table(records))
     tracker.close()
     dist.log("\n" + format_comparison(report.get("before"), after_scores))
     dist.log(f"\nfinetuned model: {final}\nmetrics: {out_dir / 'metrics.jsonl'}")

@@ -62,9 +62,13 @@ def losses(run_dir: Path) -> List[float]:
 
 
 def final_weights(run_dir: Path, sub: str = "final") -> Dict[str, torch.Tensor]:
+    """Every tensor of a saved HF model dir, one file or sharded with an index."""
     from safetensors.torch import load_file
 
-    return load_file(run_dir / sub / "model.safetensors")
+    out: Dict[str, torch.Tensor] = {}
+    for f in sorted((run_dir / sub).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
 
 
 def assert_same_weights(a: Path, b: Path, exact: bool = False, rtol: float = 1e-4, atol: float = 2e-5,
@@ -95,3 +99,64 @@ def logged_steps(run: Path) -> int:
 
 def digests(run_dir: Path) -> List[dict]:
     return [json.loads(p.read_text()) for p in sorted(run_dir.glob("param_digest.rank*.json"))]
+
+
+class RssSampler:
+    """Samples the resident set of a process tree from outside (every `interval` s) and keeps each process's peak.
+
+    Independent of what the processes report about themselves, so the same measurement applies to any version of
+    the code. A process's peak is the largest VmRSS seen; spikes shorter than the interval can be missed, but the
+    allocations that matter here (hundreds of MB and more) take longer than that to fill.
+    """
+
+    def __init__(self, root_pid: int, interval: float = 0.02):
+        import threading
+
+        self.root, self.interval = root_pid, interval
+        self.peaks: Dict[int, int] = {}
+        self.cmdlines: Dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _tree(self) -> List[int]:
+        out, todo = [], [self.root]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            if self._is_worker(pid):
+                continue  # its own children (forks for subprocess calls) share its pages: not separate ranks
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except OSError:  # exited
+                continue
+            for task in tasks:
+                try:
+                    with open(f"/proc/{pid}/task/{task}/children") as fh:
+                        todo += [int(c) for c in fh.read().split()]
+                except OSError:  # that thread exited meanwhile
+                    pass
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in self._tree():
+                try:
+                    with open(f"/proc/{pid}/status") as fh:
+                        rss = next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS:"))
+                    with open(f"/proc/{pid}/cmdline", "rb") as fh:  # every time: a fresh fork shows its parent's
+                        self.cmdlines[pid] = fh.read().replace(b"\0", b" ").decode(errors="replace")
+                except (OSError, StopIteration):
+                    continue
+                self.peaks[pid] = max(self.peaks.get(pid, 0), rss)
+            time.sleep(self.interval)
+
+    def _is_worker(self, pid: int) -> bool:
+        cmd = self.cmdlines.get(pid, "")
+        return "launch/" in cmd and "torch.distributed.run" not in cmd
+
+    def stop(self) -> Dict[int, int]:
+        """Peaks of the processes that ran the training script (torchrun's workers, or the single process)."""
+        self._stop.set()
+        self._thread.join()
+        return {pid: peak for pid, peak in self.peaks.items() if self._is_worker(pid)}

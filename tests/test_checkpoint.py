@@ -94,6 +94,20 @@ def test_resume_one_rank_to_two(strategy, model_dir, cache_dir, uninterrupted, t
     assert_same_weights(tmp_path, full, exact=False)
 
 
+# Every strategy writes the same name-keyed DCP layout (FSDP2 DTensor shards, ZeRO partitions as chunks, whole
+# tensors from DDP), so any pair resumes. These pairs cover each writer family (whole, DTensor, ZeRO-1/2 fragments,
+# ZeRO-3 partitions, with and without offload) into each other reader family; single <-> the rest and same-strategy
+# pairs are above, FSDP2 <-> ZeRO-3 at 4 <-> 2 ranks in tests/test_scale.py.
+@pytest.mark.parametrize("saved,resumed", [("fsdp", "zero2"), ("zero2", "fsdp"), ("zero1", "zero3"),
+                                           ("zero3_offload", "ddp"), ("zero2_offload", "zero3_offload")])
+def test_resume_under_another_strategy(saved, resumed, model_dir, cache_dir, uninterrupted, tmp_path):
+    full = uninterrupted(saved)
+    proc = launch(resumed, args(model_dir, cache_dir, tmp_path, f"train.resume={step_dir(full, 3)}", *TWO), 2)
+    assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
+    torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(full)[3:]), rtol=1e-4, atol=1e-5)
+    assert_same_weights(tmp_path, full, exact=False)
+
+
 def worker_pids(parent: int) -> List[int]:
     with open(f"/proc/{parent}/task/{parent}/children") as fh:
         return [int(p) for p in fh.read().split()]

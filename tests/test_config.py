@@ -49,6 +49,7 @@ def test_wrong_type_is_rejected_at_composition():
     ("train.max_steps=0", "train.max_steps"),
     ("peft.dropout=1.5", "peft.dropout"),
     ("data.path=/no/such/file.jsonl", "data.path"),
+    ("strategy.offload_optimizer=nvme", "strategy.offload_optimizer"),
 ])
 def test_impossible_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as info:

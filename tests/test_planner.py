@@ -177,3 +177,17 @@ def test_cli_json_has_the_promised_fields(tmp_path):
     assert {"params", "grads", "optimizer", "activations", "overhead", "total"} <= set(cand["per_gpu_bytes"])
     assert (tmp_path / "memory.png").stat().st_size > 1000
     assert "torchrun --nnodes" in (tmp_path / "launch.sh").read_text()
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_planned_deepspeed_buckets_are_the_ones_ft_dist_configures(strategy):
+    from conftest import compose
+    from ft_dist.planner.memory import ds_buckets
+    from ft_dist.strategies.deepspeed import deepspeed_config
+
+    cfg = compose(["model=llama-2-7b", f"strategy={strategy}"])
+    zero = deepspeed_config(cfg, world_size=8, on_gpu=True, hidden=4096)["zero_optimization"]
+    planned = ds_buckets(4096)
+    assert zero["reduce_bucket_size"] == planned["reduce"] and zero["allgather_bucket_size"] == planned["allgather"]
+    if strategy == "zero3":  # on GPUs; on CPU ft-dist turns prefetching off
+        assert zero["stage3_prefetch_bucket_size"] == int(planned["prefetch"])

@@ -75,7 +75,7 @@ def test_merged_lora_logits_equal_adapter_logits(tmp_path, cache_dir):
     from transformers import AutoModelForCausalLM
 
     from ft_dist.checkpoint import save_final_model
-    from ft_dist.models import apply_peft, build_model, load_tokenizer
+    from ft_dist.models import apply_peft, build_model, load_tokenizer, model_tensors
 
     cfg = compose(["peft=lora", "peft.r=4", f"data.cache_dir={cache_dir}"])
     tok = load_tokenizer(cfg.model)
@@ -92,7 +92,7 @@ def test_merged_lora_logits_equal_adapter_logits(tmp_path, cache_dir):
     model.eval()
     with torch.no_grad():
         adapter_logits = model(input_ids=ids).logits
-    save_final_model(model, tok, cfg, tmp_path / "final")
+    save_final_model(iter([model_tensors(model)]), model, tok, cfg, tmp_path / "final")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
     with torch.no_grad():
         merged_logits = merged(input_ids=ids).logits

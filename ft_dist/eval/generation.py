@@ -1,11 +1,16 @@
 """Batched greedy generation through the data template, and the task metric on the test split.
 
 Prompts are sorted by length and cut into batches, so each batch pads little (length bucketing); outputs are put
-back in the original order. Under torchrun each rank generates its share and rank 0 gathers the answers.
+back in the original order. Under torchrun each rank generates its share and the answers are gathered.
+
+A sharded model (FSDP2, ZeRO-3) gathers its weights collectively in every forward, so all ranks must call it the
+same number of times: each rank runs the same number of batches (a rank with fewer prompts repeats one, discarding
+the answer) and `synced_gpus=True` keeps every rank stepping until the longest answer of any rank is done.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence
@@ -17,6 +22,11 @@ from ft_dist import dist
 from ft_dist.eval.text_metrics import score_generations
 
 
+def batch_rounds(n: int, world_size: int, batch_size: int) -> int:
+    """Generation batches every rank runs when `n` prompts are dealt round-robin over `world_size` ranks."""
+    return math.ceil(math.ceil(n / world_size) / batch_size) if n else 0
+
+
 @dataclass
 class Generation:
     text: str
@@ -26,8 +36,13 @@ class Generation:
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
-             device: torch.device, progress: bool = True) -> List[Generation]:
-    """Greedy continuations of `prompts` (already rendered through the template), in input order."""
+             device: torch.device, progress: bool = True, synced: bool = False, rounds: int = 0,
+             filler: str = "") -> List[Generation]:
+    """Greedy continuations of `prompts` (already rendered through the template), in input order.
+
+    `synced`: the model is sharded; run exactly `rounds` batches (padding with `filler` prompts whose answers are
+    discarded) and generate with synced_gpus, so every rank takes part in every forward.
+    """
     from tqdm import tqdm
 
     was_training = model.training
@@ -37,6 +52,9 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
     results: List[Generation] = [Generation("", False)] * len(prompts)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if synced:
+        encoded.append(tokenizer(filler, add_special_tokens=True)["input_ids"])
+        batches += [[len(encoded) - 1]] * (rounds - len(batches))
     # One bar on rank 0; FT_DIST_NO_PROGRESS=1 (tests, logs to files) turns it off as for the training bar.
     show = progress and dist.is_main() and os.environ.get("FT_DIST_NO_PROGRESS") != "1"
     for idx in tqdm(batches, desc="generate", disable=not show, leave=False):
@@ -48,8 +66,10 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]):] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=eos)
+                             do_sample=False, pad_token_id=pad, eos_token_id=eos, synced_gpus=synced)
         for row, i in enumerate(idx):
+            if i >= len(prompts):  # a filler batch
+                continue
             new = out[row, width:].tolist()
             hit_eos = eos in new
             new = new[:new.index(eos)] if hit_eos else new
@@ -59,13 +79,19 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
     return results
 
 
-def task_metrics(model: nn.Module, tokenizer: Any, test: Any, eval_cfg: Any, device: torch.device) -> Dict[str, Any]:
-    """Generate an answer for each test prompt and score it against the reference response."""
+def task_metrics(model: nn.Module, tokenizer: Any, test: Any, eval_cfg: Any, device: torch.device,
+                 synced: bool = False) -> Dict[str, Any]:
+    """Generate an answer for each test prompt and score it against the reference response.
+
+    `synced`: `model` is sharded over the ranks (see generate); otherwise each rank holds it whole.
+    """
     n = len(test) if not eval_cfg.max_examples else min(len(test), eval_cfg.max_examples)
     world = dist.world()
     mine = list(range(world.rank, n, world.size))
     rows = test[mine] if mine else {"prompt_text": [], "response": []}
-    outs = generate(model, tokenizer, rows["prompt_text"], eval_cfg.max_new_tokens, eval_cfg.batch_size, device)
+    filler = test[0]["prompt_text"] if synced and n else ""
+    outs = generate(model, tokenizer, rows["prompt_text"], eval_cfg.max_new_tokens, eval_cfg.batch_size, device,
+                    synced=synced, rounds=batch_rounds(n, world.size, eval_cfg.batch_size), filler=filler)
     shards = [(i, o.text, o.truncated) for i, o in zip(mine, outs)]
     if world.distributed:
         gathered: List[Any] = [None] * world.size

@@ -22,9 +22,8 @@ from ft_dist.eval.error_analysis import build_vocabulary, error_report
 from ft_dist.eval.generation import task_metrics
 from ft_dist.eval.harness import TaskDataUnreachable, run_harness
 from ft_dist.loop import evaluate_loss
-from ft_dist.models import build_model
+from ft_dist.models import ModelSpec
 from ft_dist.strategies.single import SingleDevice
-from ft_dist.train import seed_everything
 
 MC_TABLE_METRICS = ("acc", "acc_norm")
 """Multiple-choice metrics shown in comparison tables (their stderrs stay in eval.json)."""
@@ -77,11 +76,8 @@ def load_replica(cfg: Any, path: Optional[str], tokenizer: Any, world: dist.Worl
     """
     replica = SingleDevice(cfg, world)
 
-    def make_model(meta: bool = False) -> Any:
-        seed_everything(cfg.train.seed)  # a from-config base gets the same random init as the run's, on every rank
-        return build_model(cfg.model, tokenizer, path=path, meta=meta)
-
-    replica.setup(make_model, None)
+    # A from-config base gets the same random init as the run's, on every rank.
+    replica.setup(ModelSpec(cfg.model, None, tokenizer, seed=cfg.train.seed, path=path), None)
     return replica
 
 

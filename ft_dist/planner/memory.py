@@ -24,10 +24,12 @@ from ft_dist.planner.workload import TrainingSetup
 
 GIB = 2**30
 
-# DeepSpeed's defaults (deepspeed/runtime/zero/config.py): bucket sizes in elements of the 16-bit dtype.
-DS_REDUCE_BUCKET = 5e8
-DS_ALLGATHER_BUCKET = 5e8
-DS_PREFETCH_BUCKET = 5e7
+# Bucket sizes in elements of the 16-bit dtype, as ft-dist configures DeepSpeed (strategies/deepspeed.py, the rule
+# transformers' "auto" uses): reduce and all-gather buckets of hidden^2, ZeRO-3 prefetch 0.9 hidden^2.
+
+
+def ds_buckets(hidden: int) -> Dict[str, float]:
+    return {"reduce": float(hidden * hidden), "allgather": float(hidden * hidden), "prefetch": 0.9 * hidden * hidden}
 # DeepSpeed's estimators multiply host RAM by this (additional_buffer_factor) for pinned buffers and copies.
 HOST_BUFFER_FACTOR = 1.5
 
@@ -165,10 +167,10 @@ def comm_buffer_bytes(arch: Architecture, setup: TrainingSetup) -> float:
         # FSDP2 all-gathers the next block while computing this one, and reduce-scatters its gradients.
         block = arch.block_params
         return 2 * block * c + block * 4
-    cap = arch.total_params
+    cap, buckets = arch.total_params, ds_buckets(arch.hidden)
     if setup.zero_stage == 3:
-        return (min(DS_PREFETCH_BUCKET, cap) + min(DS_REDUCE_BUCKET, cap)) * c
-    return (min(DS_REDUCE_BUCKET, trainable) + min(DS_ALLGATHER_BUCKET, cap)) * c
+        return (min(buckets["prefetch"], cap) + min(buckets["reduce"], cap)) * c
+    return (min(buckets["reduce"], trainable) + min(buckets["allgather"], cap)) * c
 
 
 def _optimizer_temp_bytes(arch: Architecture, setup: TrainingSetup, states: ModelStates) -> float:

@@ -2,22 +2,25 @@
 
 A strategy owns how its engine builds, wraps, steps and saves the model; the loop never asks which one it has.
 `single` is the reference implementation; DDP, FSDP2 and DeepSpeed implement the same methods.
+
+Memory is part of the contract: no method gathers the whole model onto a rank. Sharded strategies generate and
+evaluate on the sharded model itself (all ranks in lockstep), hand out full tensors one unit (transformer block) at a
+time for the final save, and checkpoint each rank's own shards.
 """
 
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ContextManager, Dict, Iterable, Optional
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ft_dist.dist import World
 from ft_dist.errors import ConfigError
+from ft_dist.models import ModelSpec, model_tensors
 
-# Builds the (PEFT-wrapped) model; `meta=True` asks for structure only, to be filled in shard by shard.
-ModelFactory = Callable[..., nn.Module]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,17 +34,6 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ConfigError("train.precision", f"{torch.cuda.get_device_name()} has no bf16 (needs sm80+, e.g. A100/H100); use fp16 on V100")
 
 
-def replica_from_state(build_model: ModelFactory, state: Dict[str, torch.Tensor], device: torch.device) -> nn.Module:
-    """A plain full model from gathered weights, built on meta first so no random init is paid for."""
-    from ft_dist.models import recompute_non_persistent_buffers
-
-    model = build_model(meta=True)
-    model.to_empty(device="cpu")
-    model.load_state_dict(state)
-    recompute_non_persistent_buffers(model)
-    return model.to(device)
-
-
 class Strategy(ABC):
     """Build, wrap, step and save one model across `world`."""
 
@@ -52,6 +44,8 @@ class Strategy(ABC):
         check_precision(self.precision, world.device)
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
+        self.fake_mode: Optional[Any] = None
+        """A dry run's FakeTensorMode: storage is created under it, and no weights are read or initialised."""
 
     can_skip_steps = True
     """Whether a step with a non-finite loss/gradient can be dropped and training go on (see skip_step)."""
@@ -66,10 +60,9 @@ class Strategy(ABC):
         return self.world.size
 
     @abstractmethod
-    def setup(self, build_model: ModelFactory, build_optimizer: Optional[OptimizerFactory]) -> None:
-        """Build the model (sharded from the start where the engine can), wrap it, create the optimizer.
-
-        Without an optimizer factory the model is set up for inference only (evaluation).
+    def setup(self, spec: ModelSpec, build_optimizer: Optional[OptimizerFactory]) -> None:
+        """Build the model (sharded from the start where the engine can), load or initialise its weights, wrap it,
+        create the optimizer. Without an optimizer factory the model is set up for inference only (evaluation).
         """
 
     def autocast(self) -> ContextManager[Any]:
@@ -101,17 +94,28 @@ class Strategy(ABC):
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    def inference_model(self) -> nn.Module:
-        """A full model this rank can run alone (generation, export). Sharded strategies build a replica."""
-        return self.unwrapped()
-
     def unwrapped(self) -> nn.Module:
-        """The plain (PEFT-wrapped or not) HF model, for generation and export."""
+        """The plain (PEFT-wrapped or not) HF model: generation, parameter names, the final save."""
         return self.model
 
-    @abstractmethod
-    def full_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The full, unsharded model weights on CPU, on every rank (a collective for sharded strategies)."""
+    def generation_model(self) -> Tuple[nn.Module, bool]:
+        """The model to call `generate()` on, and whether every rank must generate in lockstep
+        (`synced_gpus`: a sharded model gathers weights collectively in every forward)."""
+        return self.unwrapped(), False
+
+    def gathered_units(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """The full weights, one unit at a time (a collective for sharded strategies: every rank iterates).
+
+        Each item maps training-model names to full tensors that stay valid until the next item, so a writer holds
+        one unit at a time. A strategy whose ranks hold the whole model yields it as one unit, without copies.
+        """
+        yield model_tensors(self.unwrapped())
+
+    def release_optimizer(self) -> None:
+        """Free optimizer states once training is over: the final eval and save do not need them."""
+        if getattr(self, "optimizer", None) is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.state.clear()
 
     # --- checkpoint state: one portable format (torch.distributed.checkpoint, keyed by parameter name) --------
     def checkpoint_state(self) -> Dict[str, Any]:

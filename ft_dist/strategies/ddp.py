@@ -1,19 +1,24 @@
-"""DistributedDataParallel: a full replica per rank, gradients all-reduced (bucketed, overlapped with backward)."""
+"""DistributedDataParallel: a full replica per rank, gradients all-reduced (bucketed, overlapped with backward).
+
+Memory per rank is the whole model's states by design (weights, gradients, optimizer); pick FSDP2 or ZeRO when
+they do not fit one GPU.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ft_dist.strategies.base import ModelFactory, OptimizerFactory, Strategy
+from ft_dist.models import ModelSpec
+from ft_dist.strategies.base import OptimizerFactory, Strategy
 
 
 class DDP(Strategy):
-    def setup(self, build_model: ModelFactory, build_optimizer: Optional[OptimizerFactory]) -> None:
-        self.module = build_model().to(self.world.device)
+    def setup(self, spec: ModelSpec, build_optimizer: Optional[OptimizerFactory]) -> None:
+        self.module = spec.build().to(self.world.device)
         dev = self.world.device
         # Bucket views: gradients live in the all-reduce buckets instead of a second copy.
         self.model = DistributedDataParallel(self.module, device_ids=[dev.index] if dev.type == "cuda" else None,
@@ -32,6 +37,3 @@ class DDP(Strategy):
 
     def unwrapped(self) -> torch.nn.Module:
         return self.module
-
-    def full_state_dict(self) -> Dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}

@@ -1,9 +1,16 @@
-"""DeepSpeed ZeRO stages 1/2/3, with optimizer and parameter offload to CPU or NVMe.
+"""DeepSpeed ZeRO stages 1/2/3, with optimizer and parameter offload to the CPU.
 
 ZeRO-3 builds the model under `zero.Init` (transformers does so while an HfDeepSpeedConfig is alive), so each
-parameter is partitioned as soon as it is created and the full model never exists on one rank. The optimizer is
-torch's AdamW handed to the engine (no JIT-compiled fused op needed, and resume is bitwise); on GPUs with CPU
-offload DeepSpeed's CPUAdam is used because torch's AdamW on the host would be the bottleneck.
+parameter is partitioned as soon as it is created and the full model never exists on one rank. A pretrained model
+is built without initialising or reading anything; each rank then reads only its own partition (its fp32 master
+range) from the memory-mapped safetensors, and the 16-bit copies are refreshed from it. The optimizer is torch's
+AdamW handed to the engine (no JIT-compiled fused op needed, and resume is bitwise); on GPUs with CPU offload
+DeepSpeed's CPUAdam is used because torch's AdamW on the host would be the bottleneck.
+
+Checkpoints stay sharded: each rank writes its own partitions of the fp32 weights and Adam moments as DCP chunks
+(strategies/fragments.py), in the same name-keyed layout as FSDP2 and DDP, so any world size and any strategy
+resumes them. Outside training, ZeRO-3 generates on the partitioned model (every rank in lockstep) and the final
+save gathers one transformer block at a time.
 """
 
 from __future__ import annotations
@@ -11,13 +18,15 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-from typing import Any, ContextManager, Dict, Optional
+from typing import Any, ContextManager, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ft_dist import dist
-from ft_dist.strategies.base import ModelFactory, OptimizerFactory, Strategy, replica_from_state
+from ft_dist.models import ModelSpec, block_prefixes, is_adapter_name
+from ft_dist.strategies.base import _DTYPES, OptimizerFactory, Strategy
+from ft_dist.strategies.fragments import sharded_range
 
 
 def current_rss_mb() -> float:
@@ -29,15 +38,39 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-def deepspeed_config(cfg: Any, world_size: int, on_gpu: bool) -> Dict[str, Any]:
-    """The DeepSpeed JSON config equivalent to our strategy/train settings."""
+ZERO3_SUB_GROUP = 50_000_000
+"""Elements per ZeRO-3 optimizer sub-group (DeepSpeed's default is 1e9)."""
+
+
+def deepspeed_config(cfg: Any, world_size: int, on_gpu: bool, hidden: int = 0) -> Dict[str, Any]:
+    """The DeepSpeed JSON config equivalent to our strategy/train settings.
+
+    Bucket sizes follow the model (what transformers' "auto" sets: hidden^2 elements, ZeRO-3 prefetch 0.9 hidden^2,
+    persistence threshold 10 hidden) rather than DeepSpeed's fixed 5e8 elements, which alone would be 1 GB per
+    bucket in 16 bit on every GPU, more than a small model's share; ZeRO-3's live-parameter limits likewise.
+    """
     sc, tc = cfg.strategy, cfg.train
     zero: Dict[str, Any] = {"stage": sc.zero_stage}
+    if hidden:
+        zero["reduce_bucket_size"] = hidden * hidden
+        zero["allgather_bucket_size"] = hidden * hidden
+        if sc.zero_stage == 3:
+            # On DeepSpeed's CPU accelerator the prefetcher keeps every parameter it gathered alive through the
+            # step (the whole 16-bit model per rank, measured by the dry run and by tests/test_scale.py), and gloo's
+            # collectives are synchronous, so prefetching buys nothing there: it is off on CPU.
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden) if on_gpu else 0
+            zero["stage3_param_persistence_threshold"] = 10 * hidden
+            # DeepSpeed keeps up to 1e9 gathered parameters alive (and reusable) by default: on a model below a few
+            # billion parameters that is the whole model gathered on every rank during eval and generation.
+            zero["stage3_max_live_parameters"] = 10 * hidden * hidden
+            zero["stage3_max_reuse_distance"] = 10 * hidden * hidden
+    if sc.zero_stage == 3:
+        # The optimizer steps one flat sub-group at a time; a torch AdamW materialises sqrt(v) and its quotient
+        # for the tensor it steps, so DeepSpeed's default of 1e9 elements would add 8 GB of temporaries per rank.
+        zero["sub_group_size"] = ZERO3_SUB_GROUP
     for key, where in (("offload_optimizer", sc.offload_optimizer), ("offload_param", sc.offload_params)):
         if where != "none":
             zero[key] = {"device": where, "pin_memory": on_gpu, **({"nvme_path": sc.nvme_path} if where == "nvme" else {})}
-    if sc.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
         "train_micro_batch_size_per_gpu": tc.micro_batch_size,
         "gradient_accumulation_steps": tc.grad_accum,
@@ -58,24 +91,50 @@ class DeepSpeedZero(Strategy):
     # first non-finite step instead (fp16 overflow steps are skipped by DeepSpeed's own loss scaler).
     can_skip_steps = False
 
-    def setup(self, build_model: ModelFactory, build_optimizer: Optional[OptimizerFactory]) -> None:
+    def setup(self, spec: ModelSpec, build_optimizer: Optional[OptimizerFactory]) -> None:
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        self.build_model = build_model
+        sc = self.cfg.strategy
         on_gpu = self.world.device.type == "cuda"
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")  # reuses our process group
-        self.ds_config = deepspeed_config(self.cfg, self.world.size, on_gpu)
-        stage3 = self.cfg.strategy.zero_stage == 3
+        hidden = int(getattr(spec.build(meta=True).config, "hidden_size", 0) or 0)
+        self.ds_config = deepspeed_config(self.cfg, self.world.size, on_gpu, hidden)
+        self.stage3 = sc.zero_stage == 3
+        weights_dir = spec.weights_dir if self.fake_mode is None else None
         # While this object lives, transformers builds models under zero.Init (partitioned at creation).
-        hf_ds = HfDeepSpeedConfig(self.ds_config) if stage3 else None
+        hf_ds = HfDeepSpeedConfig(self.ds_config) if self.stage3 else None
+        with self.fake_mode or contextlib.nullcontext():  # a dry run partitions fake tensors
+            self._build_engine(spec, build_optimizer, init=weights_dir is None)
+        del hf_ds  # later model builds (twins on meta) must not be partitioned
+        if self.stage3:  # show that no rank ever held the whole model
+            all_params = list(self.engine.module.parameters())
+            local = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in all_params) / 2**20
+            full = sum(p.ds_numel * p.ds_tensor.element_size() for p in all_params) / 2**20
+            dist.log(f"zero3: parameters partitioned at creation: this rank holds {local:.1f} MB of {full:.1f} MB of "
+                     f"parameters; peak RSS grew {self._build_growth_mb:.1f} MB while building")
+        self._names = {id(p): n for n, p in self.engine.module.named_parameters()}
+        self._ranges = self._fragment_ranges()
+        if weights_dir is not None:
+            from ft_dist.hf_weights import load_hf_weights
+
+            targets = {n: self._weight_target(p) for n, p in self.engine.module.named_parameters() if not is_adapter_name(n)}
+            load_hf_weights(targets, weights_dir)
+            self._refresh_lp()
+
+    def _build_engine(self, spec: ModelSpec, build_optimizer: Optional[OptimizerFactory], init: bool) -> None:
+        """The model in the 16-bit dtype DeepSpeed keeps (a pretrained one neither initialised nor read here), the
+        optimizer, and the engine around them."""
+        import deepspeed
+
         rss_before = current_rss_mb()
-        model = build_model(meta=False)
-        build_growth = peak_rss_mb() - rss_before
+        model = spec.build(init=init, dtype=_DTYPES[self.precision])
+        self._build_growth_mb = peak_rss_mb() - rss_before
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = None
         if build_optimizer is not None:
-            if on_gpu and self.cfg.strategy.offload_optimizer != "none" and self.cfg.train.optimizer == "adamw":
+            if self.world.device.type == "cuda" and self.cfg.strategy.offload_optimizer != "none" \
+                    and self.cfg.train.optimizer == "adamw":
                 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
                 tc = self.cfg.train
@@ -85,17 +144,74 @@ class DeepSpeedZero(Strategy):
                 optimizer = build_optimizer(params)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
                                                     config=self.ds_config)
-        del hf_ds  # later model builds (eval replicas) must not be partitioned
-        if stage3:  # show that no rank ever held the whole model
-            params = list(self.engine.module.parameters())
-            local = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params) / 2**20
-            full = sum(p.ds_numel * p.ds_tensor.element_size() for p in params) / 2**20
-            dist.log(f"zero3: parameters partitioned at creation: this rank holds {local:.1f} MB of {full:.1f} MB of "
-                     f"parameters; peak RSS grew {build_growth:.1f} MB while building")
         self.model = self.engine
+        self.has_optimizer = optimizer is not None
         if optimizer is not None:
             self.optimizer = optimizer  # the inner torch optimizer: the LR schedule acts on its param_groups
+            self._prime_optimizer_state()
 
+    # --- where each rank's part of a parameter lives ----------------------------------------------------------
+    def _fragment_ranges(self) -> Dict[str, List[Tuple[int, int]]]:
+        """Per parameter, the flat element range every rank holds. ZeRO-3: fixed-size partitions, computed;
+        ZeRO-1/2: wherever the flat partitions cut, learnt once from every rank (one all-gather)."""
+        module, size = self.engine.module, self.world.size
+        if self.stage3:
+            out = {}
+            for name, p in module.named_parameters():
+                part = p.ds_tensor.numel()
+                out[name] = [(min(r * part, p.ds_numel), min((r + 1) * part, p.ds_numel)) for r in range(size)]
+            return out
+        mine = {}
+        for name, p in module.named_parameters():
+            hp = getattr(p, "_hp_mapping", None)
+            mine[name] = (hp.lp_fragment_address.start, hp.lp_fragment_address.start + hp.lp_fragment_address.numel) \
+                if hp is not None else (0, 0)
+        gathered = dist.all_gather_objects(mine)
+        return {name: [g[name] for g in gathered] for name in mine}
+
+    def _trainable(self, p: torch.nn.Parameter) -> bool:
+        return p.requires_grad and self.has_optimizer
+
+    def _fragment(self, name: str, p: torch.nn.Parameter, key: Optional[str]) -> Any:
+        """This rank's fp32 master (key None) or optimizer-state partition of `p`, as a ShardedTensor of views."""
+        zero = self.engine.optimizer
+        if self.stage3:
+            local = zero._get_fp32_opt_state_partition(p, False, key)[0]
+        else:
+            hp = getattr(p, "_hp_mapping", None)
+            if hp is None:  # this rank's partition holds no element of p
+                local = torch.empty(0, dtype=torch.float32, device=self.world.device)
+            else:
+                local = hp.hp_fragment if key is None else hp.get_optim_state_fragment(key)
+        return sharded_range(local, self._shape(p), self._ranges[name], self.world.rank)
+
+    def _shape(self, p: torch.nn.Parameter) -> Tuple[int, ...]:
+        return tuple(p.ds_shape) if self.stage3 else tuple(p.shape)
+
+    def _weight_target(self, p: torch.nn.Parameter) -> Any:
+        """Where a weight's value lives: the fp32 master for trained ones; the 16-bit copy for frozen ones (the
+        ZeRO-3 partition, or the whole tensor under ZeRO-1/2)."""
+        name = self._names[id(p)]
+        if self._trainable(p):
+            return self._fragment(name, p, None)
+        if self.stage3:
+            return sharded_range(p.ds_tensor, self._shape(p), self._ranges[name], self.world.rank)
+        return p.data
+
+    def _refresh_lp(self) -> None:
+        """After the fp32 masters changed (load, resume): the 16-bit weights the forward uses follow them."""
+        zero = self.engine.optimizer
+        if not self.has_optimizer:
+            return
+        if self.stage3:
+            with torch.no_grad():
+                for p in self.engine.module.parameters():
+                    if p.requires_grad:
+                        p.ds_tensor.data.copy_(zero._get_fp32_opt_state_partition(p, False)[0])
+        else:
+            zero.update_lp_params()
+
+    # --- the step ------------------------------------------------------------------------------------------------
     def autocast(self) -> ContextManager[None]:
         return contextlib.nullcontext()  # DeepSpeed holds bf16/fp16 parameters itself
 
@@ -113,47 +229,52 @@ class DeepSpeedZero(Strategy):
     def unwrapped(self) -> nn.Module:
         return self.engine.module
 
-    def full_state_dict(self) -> Dict[str, torch.Tensor]:
-        module = self.engine.module
-        if self.cfg.strategy.zero_stage < 3:
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    # --- outside training: lockstep generation, block-by-block gathers ------------------------------------------
+    def generation_model(self) -> Tuple[nn.Module, bool]:
+        return self.engine.module, self.stage3
+
+    def gathered_units(self) -> Iterator[Dict[str, torch.Tensor]]:
+        if not self.stage3:  # every rank holds the whole 16-bit model
+            yield from super().gathered_units()
+            return
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        # Generation leaves prefetched parameters in flight; settle and release them before gathering by hand.
+        self.engine.empty_partition_cache()
+        module = self.engine.module
+        prefixes = block_prefixes(module)
+        named = dict(module.named_parameters())
+        groups: Dict[str, List[str]] = {p: [] for p in prefixes}
+        rest: List[str] = []
+        for n in named:
+            owner = next((p for p in prefixes if n.startswith(p + ".")), None)
+            (groups[owner] if owner else rest).append(n)
+        for members in [*groups.values(), rest]:
+            with deepspeed.zero.GatheredParameters([named[n] for n in members], modifier_rank=None):
+                yield {n: named[n].data for n in members}
 
+    # --- checkpoint state: each rank's own partitions, name-keyed like torch's get_state_dict ---------------------
     def checkpoint_state(self) -> Dict[str, Any]:
-        """The same name-keyed layout as torch's get_state_dict, gathered from ZeRO's partitions param by param.
-
-        Full fp32 master weights and AdamW moments, so the checkpoint loads at any world size and ZeRO stage (and
-        under DDP/FSDP2). Each rank holds the gathered copy in host memory; for checkpoints of tens of billions of
-        parameters prefer FSDP2, whose DCP checkpoints stay sharded.
-        """
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
+        """{"model": fp32 masters (frozen weights as kept), "optim": {"state": {name: step, exp_avg, exp_avg_sq},
+        "param_groups"}}: torch's layout, with ZeRO partitions as chunks, so DCP writes and reads only this rank's."""
         self._prime_optimizer_state()
         module = self.engine.module
-        names = {id(p): n for n, p in module.named_parameters()}
-        model_sd = {}
-        for name, tensor in module.state_dict().items():  # buffers and frozen weights as they are
-            model_sd[name] = tensor.detach().cpu().clone() if tensor.numel() else tensor
-        state, params = {}, []
-        for p in module.parameters():
-            name = names[id(p)]
-            if not p.requires_grad:
-                if self.cfg.strategy.zero_stage == 3:
-                    import deepspeed
-
-                    with deepspeed.zero.GatheredParameters([p]):
-                        model_sd[name] = p.detach().cpu().clone()
-                continue
-            model_sd[name] = safe_get_full_fp32_param(p).detach().cpu()
-            state[name] = {"step": torch.tensor(float(self._optimizer_steps())),
-                           "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").detach().cpu(),
-                           "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").detach().cpu()}
-            params.append(name)
+        model_sd: Dict[str, Any] = {}
+        state: Dict[str, Any] = {}
+        names = []
+        steps = float(self._optimizer_steps())
+        for name, p in module.named_parameters():
+            model_sd[name] = self._weight_target(p)
+            if self._trainable(p):
+                state[name] = {"step": torch.tensor(steps), "exp_avg": self._fragment(name, p, "exp_avg"),
+                               "exp_avg_sq": self._fragment(name, p, "exp_avg_sq")}
+                names.append(name)
+        for prefix, m in module.named_modules():
+            for n, b in m.named_buffers(recurse=False):
+                if n not in m._non_persistent_buffers_set:
+                    model_sd[f"{prefix}.{n}" if prefix else n] = b
         group = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
-        return {"model": model_sd, "optim": {"state": state, "param_groups": [{**group, "params": params}]}}
+        return {"model": model_sd, "optim": {"state": state, "param_groups": [{**group, "params": names}]}}
 
     def _prime_optimizer_state(self) -> None:
         """Create zero AdamW moments before the first step (torch creates them lazily), so a checkpoint can be
@@ -181,26 +302,10 @@ class DeepSpeedZero(Strategy):
         return int(max(steps)) if steps else 0
 
     def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        self._prime_optimizer_state()
-        module = self.engine.module
+        """DCP already wrote the masters and moments in place (the state's chunks are views into the partitions);
+        refresh the 16-bit weights, the step count and the learning rate."""
+        self._refresh_lp()
         optim = state["optim"]["state"]
-        import deepspeed
-
-        stage3 = self.cfg.strategy.zero_stage == 3
-        for name, p in module.named_parameters():
-            value = state["model"][name]
-            # The module's (low-precision) weights are refreshed from the fp32 master copy only after a step, so
-            # they are set too: else the first resumed forward would see the initial weights.
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0) if stage3 else contextlib.nullcontext():
-                if not stage3 or self.world.is_main:
-                    p.data.copy_(value.to(p.dtype))
-            if not p.requires_grad:
-                continue
-            safe_set_full_fp32_param(p, value)
-            safe_set_full_optimizer_state(p, optim[name]["exp_avg"], "exp_avg")
-            safe_set_full_optimizer_state(p, optim[name]["exp_avg_sq"], "exp_avg_sq")
         # ZeRO flattens parameters into a few groups; all were stepped together, so one count restores them.
         step = max((float(s["step"]) for s in optim.values()), default=0.0)
         inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
@@ -209,8 +314,3 @@ class DeepSpeedZero(Strategy):
         for s in inner.state.values():
             if "step" in s:
                 s["step"] = torch.tensor(step) if torch.is_tensor(s["step"]) else step
-
-    def inference_model(self) -> nn.Module:
-        if self.cfg.strategy.zero_stage < 3:
-            return self.unwrapped()
-        return replica_from_state(self.build_model, self.full_state_dict(), self.world.device)
