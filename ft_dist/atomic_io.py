@@ -14,13 +14,39 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def temp_dir(parent: Path, prefix: str) -> Path:
+    """A new directory in `parent` with the permissions a plain mkdir would give (0777 less the umask).
+
+    tempfile.mkdtemp makes 0700 directories, which would leave a model that teammates and serving jobs cannot read
+    once it is renamed into place.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
+def _plain_modes(root: Path) -> None:
+    """Give everything under `root` a plain open()'s / mkdir's mode: some writers (safetensors' save_file, via a
+    temp file) create 0600 files."""
+    umask = _umask()
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temp dir; on success it replaces `target` (the old one is removed only after the new one is in place)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_dir(target.parent, f".{target.name}.tmp-")
     try:
         yield tmp
+        _plain_modes(tmp)
         old: Optional[Path] = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -30,6 +30,7 @@ def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("ft_dist.asset"):
         OmegaConf.register_new_resolver("ft_dist.asset", lambda name: str(ASSET_DIR / name))
         OmegaConf.register_new_resolver("ft_dist.repo_root", lambda: str(REPO_ROOT))
+        OmegaConf.register_new_resolver("ft_dist.stem", lambda path: _stem(str(path)))
 
 
 register_configs()
@@ -83,10 +84,71 @@ def _describe_composition_error(config_name: str, ex: BaseException) -> str:
     return "config error: " + " ".join(str(ex).split())
 
 
+def _stem(path: str) -> str:
+    """A run-dir-friendly name for a data path: `my_data` for ~/data/my_data.csv, `data` for a folder or glob."""
+    name = Path(path.rstrip("/*")).stem if not path.startswith("hf:") else path[3:].replace("/", "_")
+    return re.sub(r"[^\w.-]", "_", name) or "data"
+
+
+def with_user_data(overrides: List[str]) -> List[str]:
+    """`data.path=X` without `data=...` selects conf/data/file.yaml: a user's file gets real-data defaults (dedup
+    on, a 10 % test split) instead of silently inheriting the embedded demo's."""
+    if any(o.startswith("data.path=") for o in overrides) and not any(o.startswith("data=") for o in overrides):
+        return [*overrides, "data=file"]
+    return overrides
+
+
+RUN_GROUPS = ("model", "data", "peft")  # what a run dir remembers for the commands that read its model
+
+
+def _run_dir_of(checkpoint: str) -> Optional[Path]:
+    """The run dir behind `checkpoint=` (the run dir itself or its final/), if it kept its config.yaml."""
+    p = Path(checkpoint).expanduser()
+    for candidate in (p, p.parent if p.name == "final" else None):
+        if candidate is not None and (candidate / "config.yaml").is_file():
+            return candidate
+    return None
+
+
+def with_run_config(overrides: List[str], key: str = "checkpoint") -> List[str]:
+    """`checkpoint=<run>` (ft-eval, ft-generate) or, for a resume, `output_dir=<run>` (ft-train) makes the run's
+    model, data and PEFT config (template included) the defaults.
+
+    Each group comes from the run's config.yaml through a Hydra search path, so dotted overrides (`data.path=`,
+    `eval.max_new_tokens=`) still apply on top and `data=<option>` evaluates on other data. Choosing another model
+    or PEFT method contradicts the weights in the run dir: one line, before anything is loaded.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    given = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")), None)
+    run_dir = _run_dir_of(given) if given else None
+    if run_dir is None:
+        return overrides
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    conf = Path(tempfile.mkdtemp(prefix="ft-dist-run-conf-"))
+    atexit.register(shutil.rmtree, conf, True)
+    extra = [f"hydra.searchpath=[file://{conf}]"]
+    for group in RUN_GROUPS:
+        chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{group}=")), None)
+        if chosen is not None:
+            if group != "data" and chosen != saved[group].get("name", saved[group].get("method")):
+                raise UserError(f"config error: {group}: {run_dir} was trained with {group} "
+                                f"{saved[group].get('name', saved[group].get('method'))!r}, not {chosen!r}; drop "
+                                f"{group}={chosen} (the run's config.yaml supplies it) or pass another {key}")
+            continue
+        (conf / group).mkdir()
+        OmegaConf.save(saved[group], conf / group / "from_run.yaml")
+        extra.append(f"{group}=from_run")
+    return [*overrides, *extra]
+
+
 def compose_checked(config_name: str, overrides: List[str], check: Callable[[Any], None]) -> DictConfig:
     """Compose, resolve and check a config; any mistake becomes a one-line UserError, before any model or data."""
     from hydra import compose, initialize_config_dir
 
+    overrides = with_user_data(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
@@ -104,7 +166,9 @@ def _preflight(config_name: str, argv: List[str], check: Callable[[Any], None]) 
     if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith("-") for a in argv):
         return  # sweeps and Hydra flags: each job validates itself in _run()
     try:
-        compose_checked(config_name, [a for a in argv if not a.startswith("hydra")], check)
+        # Hydra's own settings are not part of the job's config, except where configs are searched for.
+        compose_checked(config_name, [a for a in argv if not a.startswith("hydra") or a.startswith("hydra.searchpath=")],
+                        check)
     except UserError as err:
         _fail(str(err))
 
@@ -139,6 +203,15 @@ def _entry(config_name: str, task_path: str, check: Callable[[Any], None] = vali
         sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
         if verbs and len(sys.argv) > 1 and sys.argv[1] in verbs:
             sys.argv[1] = verbs[sys.argv[1]]
+        argv = sys.argv[1:]
+        fresh = any(a in ("train.resume=null", "train.resume=none", "train.resume=never") for a in argv)
+        key = {"eval": "checkpoint", "generate": "checkpoint", "train": None if fresh else "output_dir"}.get(config_name)
+        if key is not None:
+            try:
+                argv = with_run_config(argv, key)
+            except UserError as err:
+                _fail(str(err))
+        sys.argv = [sys.argv[0], *with_user_data(argv)]
         _preflight(config_name, sys.argv[1:], check)
 
         @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
@@ -153,10 +226,10 @@ def _entry(config_name: str, task_path: str, check: Callable[[Any], None] = vali
 # Torch threads: torchrun sets OMP_NUM_THREADS=1 for each process; a single process keeps the library default.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-train = _entry("train", "ft_dist.train:run")
+train = _entry("train", "ft_dist.train:run", _import("ft_dist.config:validate_launched"))
 evaluate = _entry("eval", "ft_dist.eval.run:run", _import("ft_dist.eval.schema:validate_eval_run"), verbs={"compare": "mode=compare", "mc": "mode=mc"})
 generate = _entry("generate", "ft_dist.eval.run:generate")
 data = _entry("data", "ft_dist.data.report:run", _import("ft_dist.data.schema:validate_data_run"),
-              verbs={"report": "action=report"})
+              verbs={"report": "action=report", "show": "action=show"})
 export = _entry("export", "ft_dist.export:run", check=lambda cfg: None)
 plan = _entry("plan", "ft_dist.planner.run:run", _import("ft_dist.planner.schema:validate_plan"))

@@ -8,6 +8,7 @@ must fail in well under a second, before any model or data is touched.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -83,6 +84,12 @@ class TrainConfig:
     """Resume even though the checkpoint's config differs from this run's (the differences are still printed)."""
     nonfinite_limit: int = 3
     """Skip steps whose loss or gradient is NaN/Inf; stop (exit 3) after this many in a row."""
+    hang_timeout_s: float = 900.0
+    """Multi-process runs: when a rank makes no progress for this long during training, name it, dump every rank's
+    stack into output_dir/heartbeat/ and exit 86 so the job restarts from its last checkpoint (0: off). Keep it
+    above the longest step, eval or checkpoint save, and well under the scheduler's time limit."""
+    heartbeat_s: float = 10.0
+    """How often each rank writes its heartbeat (and rank 0 checks them)."""
     seed: int = 42
     num_workers: int = 0
     """DataLoader worker processes."""
@@ -216,12 +223,12 @@ _CHOICES: Dict[str, tuple] = {
 
 _POSITIVE = (
     "train.micro_batch_size", "train.grad_accum", "train.lr", "train.epochs", "train.max_shard_gb",
-    "train.log_every", "eval.max_new_tokens", "eval.batch_size", "peft.r", "peft.alpha",
+    "train.log_every", "eval.max_new_tokens", "eval.batch_size", "peft.r", "peft.alpha", "train.heartbeat_s",
 )
 _NON_NEGATIVE = (
     "train.weight_decay", "train.warmup_steps", "train.max_grad_norm", "train.eval_every", "train.eval_batches",
     "train.save_every", "train.num_workers", "train.save_minutes", "eval.max_examples", "strategy.zero_stage",
-    "dry_run.world_size",
+    "dry_run.world_size", "train.hang_timeout_s",
 )
 
 
@@ -280,6 +287,24 @@ def validate(cfg: Any) -> None:
     dr = getattr(cfg, "dry_run", None)
     if dr is not None and dr.world_size:
         validate_dry_run(cfg)
+
+
+def validate_launched(cfg: Any) -> None:
+    """ft-train's pre-flight: `validate`, and the strategy against the processes that were launched, so a mismatch
+    is one line before any data or model work (not a traceback after data preparation)."""
+    validate(cfg)
+    if not cfg.dry_run.world_size and cfg.strategy.name == "single" and launched_world_size() > 1:
+        raise ConfigError("strategy", single_needs_one_process(launched_world_size()))
+
+
+def launched_world_size() -> int:
+    """The processes torchrun (or Slurm's srun, or deepspeed) started for this job; 1 outside a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def single_needs_one_process(world_size: int) -> str:
+    return (f"single runs one process, but {world_size} were launched (WORLD_SIZE={world_size}); choose "
+            "strategy=ddp, fsdp or a zero stage, or launch one process")
 
 
 def validate_dry_run(cfg: Any) -> None:

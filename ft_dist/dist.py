@@ -7,8 +7,10 @@ many-node job. Everything that must happen on one rank only (printing, W&B, writ
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List
 
@@ -59,8 +61,12 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init(device: str = "auto", backend: str = "auto") -> World:
-    """Join the process group that torchrun/deepspeed/srun described in the environment, if any."""
+def init(device: str = "auto", backend: str = "auto", min_timeout_s: float = 0.0) -> World:
+    """Join the process group that torchrun/deepspeed/srun described in the environment, if any.
+
+    `min_timeout_s` raises the collective timeout (torch's default: 10 min for NCCL, 30 for gloo) so that the hang
+    watchdog, which names the stuck rank, always fires before a collective times out anonymously.
+    """
     global _WORLD
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -72,6 +78,9 @@ def init(device: str = "auto", backend: str = "auto") -> World:
             backend = "nccl" if dev.type == "cuda" else "gloo"
         store = _attempt_store()
         extra: Dict[str, Any] = dict(store=store, rank=rank, world_size=size) if store is not None else {}
+        default = 600 if backend == "nccl" else 1800
+        if min_timeout_s > default:
+            extra["timeout"] = datetime.timedelta(seconds=min_timeout_s)
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None, **extra)
     _WORLD = World(rank=rank, local_rank=local_rank, size=size, device=dev, launched=launched)
     return _WORLD
@@ -121,8 +130,22 @@ def close() -> None:
         dist.destroy_process_group()
 
 
+_LAST_COLLECTIVE = {"name": "", "count": 0, "at": 0.0}
+
+
+def _entering(name: str) -> None:
+    """Remember the last collective of ft-dist's own this rank entered (the hang watchdog reports it)."""
+    _LAST_COLLECTIVE.update(name=name, count=_LAST_COLLECTIVE["count"] + 1, at=time.time())
+
+
+def last_collective() -> str:
+    c = _LAST_COLLECTIVE
+    return f"{c['name']} (#{c['count']}, {time.time() - c['at']:.0f} s ago)" if c["count"] else ""
+
+
 def barrier() -> None:
     if dist.is_initialized():
+        _entering("barrier")
         dist.barrier()
 
 
@@ -130,6 +153,7 @@ def all_reduce_sum(values: List[float]) -> List[float]:
     """Sum a few scalars over all ranks (metrics, token counts); identity in a single process."""
     if not dist.is_initialized():
         return list(values)
+    _entering("all_reduce_sum")
     t = torch.tensor(values, dtype=torch.float64, device=_WORLD.device)
     dist.all_reduce(t)
     return t.tolist()
@@ -140,6 +164,7 @@ def broadcast_object(obj: Any) -> Any:
     if not dist.is_initialized():
         return obj
     box = [obj]
+    _entering("broadcast_object")
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -149,6 +174,7 @@ def all_gather_objects(obj: Any) -> List[Any]:
     if not dist.is_initialized():
         return [obj]
     out: List[Any] = [None] * dist.get_world_size()
+    _entering("all_gather_objects")
     dist.all_gather_object(out, obj)
     return out
 

@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import torch
 from torch import nn
 
+from ft_dist.atomic_io import atomic_dir
 from ft_dist.errors import ConfigError
 from ft_dist.models import is_adapter_name, lora_layers
 
@@ -150,8 +151,6 @@ def write_hf_model(units: Iterable[Mapping[str, torch.Tensor]], twin: nn.Module,
     writes. A LoRA model writes its adapter to adapter/ and, with `merge_lora`, the merged model to `target`.
     The directory is assembled in a temp dir and renamed into place, so a crash leaves no half-written model.
     """
-    from ft_dist.checkpoint import atomic_dir
-
     is_peft = hasattr(twin, "peft_config")
     merger = _LoraMerger(twin) if is_peft else None
     write_model = merge_lora or not is_peft

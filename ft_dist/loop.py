@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from ft_dist import dist
+from ft_dist import dist, hooks
 from ft_dist.data.batching import GlobalBatchSampler, collate, count_real_tokens, examples_from_rows
 from ft_dist.data.prepare import PreparedData
 from ft_dist.optim import build_scheduler
@@ -122,10 +122,12 @@ class RunPosition:
 def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracker, pad_id: int, out_dir: Path,
                resume_from: Optional[Path] = None, config_fingerprint: Optional[Dict[str, Any]] = None,
                extra_eval: Optional[Callable[[], Dict[str, float]]] = None,
-               memory: Optional[PhaseMemory] = None) -> LoopResult:
+               memory: Optional[PhaseMemory] = None,
+               progress: Callable[..., None] = lambda phase, step=None: None) -> LoopResult:
     """Train for the configured steps; `extra_eval` adds metrics (e.g. a generation sample) at each periodic eval.
 
-    `memory` records the peak of each phase (train steps, eval, save, resume) on this rank.
+    `memory` records the peak of each phase (train steps, eval, save, resume) on this rank; `progress(phase, step)`
+    is told where the rank is between units of work (the hang watchdog's heartbeat).
 
     Checkpoints are written every `train.save_every` steps / `train.save_minutes` minutes, and at the first step
     boundary after a preemption signal on any rank, after which the result says `preempted` (exit 85).
@@ -148,18 +150,23 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
         meta = {"step": step, "samples_consumed": step * sampler.global_batch, **layout,
                 "config": config_fingerprint or {}, "saved_at": time.time()}
         t0 = time.time()
+        progress("checkpoint save", step)
         with memory.phase("save"):
             path = save_checkpoint(strategy, scheduler, out_dir, step, meta, tc.keep_checkpoints)
+        progress("checkpoint saved", step)
         dist.log(f"checkpoint: {path} ({time.time() - t0:.1f} s)")
 
     start_step = 0
     if resume_from is not None:
         t0 = time.time()
+        progress("checkpoint load")
         with memory.phase("resume"):
             meta = load_checkpoint(strategy, scheduler, resume_from)
         start_step = meta["samples_consumed"] // sampler.global_batch
         dist.log(f"resumed from {resume_from} at step {start_step} ({meta['samples_consumed']} samples consumed, "
                  f"saved by world size {meta['world_size']}; {time.time() - t0:.1f} s)")
+        tracker.event(start_step, "resume", checkpoint=str(resume_from), saved_world_size=meta["world_size"],
+                      world_size=world.size, strategy=cfg.strategy.name)
     result.start_step = start_step
     dist.log(f"training: {steps} steps, global batch {sampler.global_batch} = micro {tc.micro_batch_size} x accum "
              f"{tc.grad_accum} x world {world.size}, {len(data.train)} train / {len(data.test)} test examples")
@@ -171,14 +178,17 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
     # Tests inject a real NaN into the loss from this step on, to drive the guard through backward and step.
     poison_from = int(os.environ.get("FT_DIST_TEST_NAN_FROM_STEP", "0"))
     for step in range(start_step, steps):
+        progress("data", step + 1)
         micro_batches = sampler.micro_batches(step)
         # Every rank can count the global batch's loss tokens from the precomputed column: no communication.
         n_global = sum(num_loss_tokens[i] for i in sampler.global_indices(step))
         cpu_batches = [collate(examples_from_rows(data.train[indices]), pad_id) for indices in micro_batches]
         tokens = float(sum(count_real_tokens(b) for b in cpu_batches))
         with memory.phase("train"):
+            progress("forward/backward", step + 1)
             loss_sum = float(forward_backward(strategy, [_to(b, world.device) for b in cpu_batches], n_global,
                                               poison=bool(poison_from) and step + 1 >= poison_from))
+            progress("loss all-reduce and optimizer step", step + 1)
             due = bool(tc.save_minutes) and world.is_main and time.time() - last_save >= 60 * tc.save_minutes
             # One all-reduce per step carries the loss, the token count and every rank's stop/save requests.
             loss, tokens, preempt, due = dist.all_reduce_sum([loss_sum, tokens, float(dist.preemption_signalled()), float(due)])
@@ -215,14 +225,17 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
         tracker.advance(1, {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"})
         if done % tc.log_every == 0 or done == steps:
             now = time.time()
-            elapsed = now - start
+            elapsed = now - start  # this attempt's: the rate the ETA extrapolates
             metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                       "elapsed_s": elapsed, "eta_s": elapsed / (done - start_step) * (steps - done),
+                       "elapsed_s": tracker.elapsed(), "eta_s": elapsed / (done - start_step) * (steps - done),
                        "memory_gb": memory_gb(world.device)}
             tracker.log(done, metrics)
             window_tokens, window_start = 0.0, now
+        progress("after step", done)
+        hooks.fire("after_step", step=done, rank=world.rank)
         if (tc.eval_every and done % tc.eval_every == 0) or done == steps:
+            progress("eval", done)
             with memory.phase("eval"):
                 ev = evaluate_loss(strategy, data.test, pad_id, cfg.eval.batch_size, tc.eval_batches if done != steps else 0)
                 if extra_eval is not None and done != steps:

@@ -28,6 +28,16 @@ def scrub_secrets(obj: Any) -> Any:
     return obj
 
 
+def _last_time(path: Path) -> float:
+    """The "time" of the last record of an existing metrics.jsonl (0 if there is none or it is unreadable)."""
+    for line in reversed(path.read_text(errors="replace").splitlines()):
+        try:
+            return float(json.loads(line)["time"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0.0
+
+
 class Tracker:
     """Logs metrics to metrics.jsonl (+ W&B) and drives the progress bar, on rank 0; a no-op elsewhere."""
 
@@ -36,11 +46,19 @@ class Tracker:
         self.bar = None
         self.wandb_run = None
         self.start = time.time()
+        self.offset = 0.0  # a resumed run's "time" continues from where its metrics.jsonl stopped
         if not self.active:
             return
-        self.metrics_file = (output_dir / "metrics.jsonl").open("a", buffering=1)
+        path = output_dir / "metrics.jsonl"
+        if path.exists():
+            self.offset = _last_time(path)
+        self.metrics_file = path.open("a", buffering=1)
         if logger_cfg.name == "wandb":
             self.wandb_run = _start_wandb(output_dir, logger_cfg, config)
+
+    def elapsed(self) -> float:
+        """Seconds of this run so far, across resumes (the time between a preemption and the restart not counted)."""
+        return self.offset + time.time() - self.start
 
     def start_progress(self, total: int, initial: int = 0) -> None:
         if not self.active:
@@ -53,14 +71,22 @@ class Tracker:
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
         if not self.active:
             return
-        record = {"step": step, "time": round(time.time() - self.start, 3), **metrics}
-        self.metrics_file.write(json.dumps(record) + "\n")
+        self._write(step, metrics)
         if self.wandb_run is not None:
             try:
                 self.wandb_run.log(metrics, step=step)
             except Exception as err:  # W&B must never stop training
                 dist.log(f"warning: W&B logging failed, continuing without it: {err}")
                 self.wandb_run = None
+
+    def event(self, step: int, event: str, **fields: Any) -> None:
+        """A marker in metrics.jsonl (not W&B's numeric history), e.g. {"event": "resume", "checkpoint": ...}."""
+        if self.active:
+            self._write(step, {"event": event, **fields})
+
+    def _write(self, step: int, fields: Dict[str, Any]) -> None:
+        record = {"step": step, "time": round(self.elapsed(), 3), "wall_time": round(time.time(), 3), **fields}
+        self.metrics_file.write(json.dumps(record) + "\n")
 
     def advance(self, n: int, postfix: Dict[str, str]) -> None:
         if self.bar is not None:

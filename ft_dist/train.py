@@ -23,6 +23,7 @@ from ft_dist.optim import build_optimizer
 from ft_dist.phase_memory import PhaseMemory, format_phase_table
 from ft_dist.strategies import build_strategy
 from ft_dist.tracking import Tracker, scrub_secrets
+from ft_dist.watchdog import Watchdog
 
 
 def resolve_output_dir(cfg: DictConfig) -> Path:
@@ -64,7 +65,8 @@ def format_comparison(before: Optional[Dict[str, Any]], after: Dict[str, Any]) -
 # Settings that may change between a checkpoint and its resume: batch layout (checked separately), cadence of
 # logging/eval/saving, and where things run. Everything else must match, or the resumed run is a different run.
 _RESUMABLE_CHANGES = {"micro_batch_size", "grad_accum", "resume", "resume_ignore_config", "save_every", "save_minutes",
-                      "keep_checkpoints", "max_shard_gb", "log_every", "eval_every", "eval_batches", "num_workers", "nonfinite_limit"}
+                      "keep_checkpoints", "max_shard_gb", "log_every", "eval_every", "eval_batches", "num_workers", "nonfinite_limit",
+                      "hang_timeout_s", "heartbeat_s"}
 
 
 def config_fingerprint(cfg: DictConfig) -> Dict[str, Any]:
@@ -118,7 +120,8 @@ def run(cfg: DictConfig) -> int:
         from ft_dist import dry_run
 
         return dry_run.run(cfg)
-    world = dist.init(cfg.device, cfg.strategy.backend)
+    # The watchdog (train.hang_timeout_s) names a stuck rank; collectives must not time out before it does.
+    world = dist.init(cfg.device, cfg.strategy.backend, min_timeout_s=cfg.train.hang_timeout_s + 120)
     dist.install_preemption_handlers()
     try:
         return _train(cfg, world)
@@ -140,8 +143,7 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
         check_resumable(cfg, resume_from, world)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_dataset(cfg.data, tokenizer)
-    dist.log(f"data: {data.stats['records']} records -> {data.stats['train']} train / {data.stats['test']} test, "
-             f"{data.stats['truncated']} truncated, {data.stats['dropped']} dropped (cache {data.cache_path.name})")
+    dist.log(data.summary())
 
     strategy = build_strategy(cfg, world)
     memory = PhaseMemory(world.device)
@@ -175,9 +177,17 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
         return {f"sample_{k}": v for k, v in scores.items() if isinstance(v, float)}
 
     seed_everything(cfg.train.seed)
-    result = train_loop(cfg, strategy, data, tracker, tokenizer.pad_token_id, out_dir, resume_from=resume_from,
-                        config_fingerprint=config_fingerprint(cfg),
-                        extra_eval=sample_task_metric if cfg.eval.during_training else None, memory=memory)
+    # Training is where ranks wait on each other step after step: a stalled one is named and the job ended.
+    watchdog = (Watchdog(out_dir, world, cfg.train.hang_timeout_s, cfg.train.heartbeat_s)
+                if world.distributed and cfg.train.hang_timeout_s else None)
+    try:
+        result = train_loop(cfg, strategy, data, tracker, tokenizer.pad_token_id, out_dir, resume_from=resume_from,
+                            config_fingerprint=config_fingerprint(cfg),
+                            extra_eval=sample_task_metric if cfg.eval.during_training else None, memory=memory,
+                            **({"progress": watchdog.progress} if watchdog else {}))
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
     if result.preempted:
         tracker.close()
         if world.is_main:

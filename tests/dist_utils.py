@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -81,6 +82,16 @@ def assert_same_weights(a: Path, b: Path, exact: bool = False, rtol: float = 1e-
             assert torch.equal(wa[k], wb[k]), k
         else:
             torch.testing.assert_close(wa[k], wb[k], rtol=rtol, atol=atol, msg=k)
+
+
+def assert_readable_by_others(root: Path) -> None:
+    """Every directory and file under `root` has a plain mkdir's / open's mode under this process's umask (which
+    the commands inherited), not the 0700 / 0600 of a temp dir: teammates and serving jobs must read the model."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == want, f"{path}: {oct(stat.S_IMODE(path.stat().st_mode))}"
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 180.0, what: str = "") -> None:

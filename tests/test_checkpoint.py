@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from dist_utils import assert_same_weights, env, final_weights, free_port, logged_steps, losses, single, torchrun, wait_for
+from dist_utils import assert_readable_by_others, assert_same_weights, env, final_weights, free_port, logged_steps, losses, single, torchrun, wait_for
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -133,6 +133,14 @@ def test_sigusr1_saves_within_a_step_and_exits_85_then_resumes(model_dir, cache_
     resumed = torchrun(a)  # train.resume=auto (the default) continues in the same run dir
     assert resumed.returncode == 0 and f"at step {saved[0]}" in resumed.stdout, resumed.stderr[-3000:]
     assert not (tmp_path / "run" / "PREEMPTED").exists()
+    # metrics.jsonl marks the resume and its time runs on across it (it used to restart at 0).
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in records if r.get("event") == "resume"]
+    assert len(events) == 1 and events[0]["step"] == saved[0] and events[0]["world_size"] == 2
+    times = [r["time"] for r in records]
+    assert times == sorted(times)
+    elapsed = [r["elapsed_s"] for r in records if "elapsed_s" in r]
+    assert elapsed == sorted(elapsed) and all(r["wall_time"] > 1.7e9 for r in records)
     reference = torchrun(args(model_dir, cache_dir, tmp_path / "ref", f"train.max_steps={LONG}", "train.save_every=0",
                               *TWO, "strategy=ddp"))
     assert reference.returncode == 0
@@ -212,6 +220,62 @@ def test_torchrun_restarts_after_a_rank_is_killed(model_dir, cache_dir, uninterr
     assert_same_weights(tmp_path, uninterrupted("ddp"), exact=True)
 
 
+HANG_TIMEOUT_S, HEARTBEAT_S = 12, 1
+STALLING_WORKER = """
+import os, runpy, sys, time
+sys.path.insert(0, {repo!r})
+from ft_dist import hooks
+
+def stall_forever(step, rank):
+    # Rank 1 of the first attempt stops in the middle of the run, as a stuck data read or collective would.
+    if rank == 1 and step == 3 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+        while True:
+            time.sleep(1)
+
+hooks.install("after_step", stall_forever)
+sys.argv = [{train!r}, *sys.argv[1:]]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def test_a_stalled_rank_is_named_and_the_job_restarts_from_its_checkpoint(model_dir, cache_dir, uninterrupted, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(STALLING_WORKER.format(repo=str(REPO), train=str(REPO / "launch" / "train.py")))
+    run = tmp_path / "run"
+    a = args(model_dir, cache_dir, run, "train.save_every=2", *TWO, "strategy=ddp", f"train.hang_timeout_s={HANG_TIMEOUT_S}",
+             f"train.heartbeat_s={HEARTBEAT_S}")
+    port, tag = free_port(), tmp_path.name
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", tag, str(worker), *a]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env({"LOGLEVEL": "INFO", "FT_DIST_TEST_ID": tag}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # the watchdog failed: leave no process behind
+            for pid in tagged_processes(tag):
+                os.kill(pid, signal.SIGKILL)
+            out, err = proc.communicate(timeout=60)
+            pytest.fail(f"the stalled job was not ended:\n{out[-3000:]}\n{err[-6000:]}")
+    assert proc.returncode == 0, err[-6000:]
+    summary = [line for line in out.splitlines() if line.startswith("hang: ")]
+    assert len(summary) == 1, out[-4000:]
+    assert "rank 1 (host " in summary[0] and "at step 3 in after step" in summary[0] and "rank 0" not in summary[0]
+    assert "the other ranks wait in " in summary[0] and "exiting 86" in summary[0]
+    assert "--- stack of rank 1" in out and "in stall_forever" in out  # the stuck rank's own stack
+    assert err.count("will restart worker group") == 1 and "exitcode  : 86" not in err  # restarted, not failed
+    stacks = {p.name: p.read_text() for p in (run / "heartbeat").glob("stack-rank-*.txt")}
+    assert set(stacks) == {"stack-rank-0.txt", "stack-rank-1.txt"} and "in stall_forever" in stacks["stack-rank-1.txt"]
+    assert "in stall_forever" not in stacks["stack-rank-0.txt"]
+    # Named within the timeout plus a few heartbeats, all ranks gone and the restart resumed soon after.
+    hang = json.loads((run / "heartbeat" / "HANG").read_text())
+    assert HANG_TIMEOUT_S < hang["seconds"] <= HANG_TIMEOUT_S + 4 * HEARTBEAT_S, hang
+    resume = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"event": "resume"' in line]
+    assert len(resume) == 1 and resume[0]["step"] == 2 and resume[0]["wall_time"] - hang["at"] < 90
+    assert "resumed from" in out and "at step 2" in out
+    assert_same_weights(run, uninterrupted("ddp"), exact=True)
+
+
 @pytest.mark.parametrize("strategy,lora", [("ddp", False), ("fsdp", False), ("zero3", False), ("fsdp", True), ("zero3", True)])
 def test_export_loads_with_plain_transformers(strategy, lora, model_dir, cache_dir, uninterrupted, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -231,6 +295,7 @@ def test_export_loads_with_plain_transformers(strategy, lora, model_dir, cache_d
     for k in trained:
         assert torch.equal(exported[k], trained[k]), k
     assert (tmp_path / "hf" / "adapter" / "adapter_config.json").exists() == lora
+    assert_readable_by_others(tmp_path / "hf")
 
 
 def test_resume_with_a_different_config_says_what_differs(model_dir, cache_dir, uninterrupted, tmp_path):

@@ -129,6 +129,21 @@ def test_chat_chatml_multiturn_loss_on_assistant_turns_only(tmp_path, cache_dir,
     assert ex["labels"][1:] == ex["input_ids"][1:] and ex["labels"][0] == IGNORE_INDEX
 
 
+def test_ft_data_show_marks_the_tokens_that_get_loss(tmp_path, cache_dir):
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_rows(6))
+    proc = run_cli("data", ["show", "data=chat", f"data.path={path}", "data.test_size=2", "show_examples=2",
+                            f"model.tokenizer={NEOX_TOKENIZER}", f"data.cache_dir={cache_dir}", f"output_dir={tmp_path / 'o'}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shown = (tmp_path / "o" / "examples.md").read_text()
+    assert shown.count("--- example ") == 2 and shown.strip() in proc.stdout
+    first = shown.split("--- example 1")[1].split("--- example 2")[0]
+    # Both assistant turns carry loss, with their end-of-turn tokens; system and user turns do not.
+    marked = [m.split("\u00bb")[0] for m in first.split("\u00ab")[1:]]
+    assert len(marked) == 2 and marked[0].startswith("It is ") and marked[1].startswith("That is ")
+    assert all("<|im_end|>" in m and "user" not in m for m in marked)
+    assert "<|im_start|>system\nAnswer briefly." in first and "Answer briefly" not in "".join(marked)
+
+
 def test_tokenizer_own_chat_template_and_system_prompt(tmp_path, cache_dir, neox):
     from omegaconf import OmegaConf
 
@@ -214,6 +229,40 @@ def test_on_error_skip_counts_and_names_lines(tmp_path, cache_dir):
     data = prepare_dataset(data_cfg(cache_dir, f"data.path={path}", "data.test_size=1", "data.on_error=skip"), build_char_tokenizer())
     assert data.stats["skipped"] == 2 and data.stats["records"] == 6
     assert "bad.jsonl:4:" in data.stats["skipped_examples"][0] and "fields present: prompt" in data.stats["skipped_examples"][1]
+    # What ft-train prints about its data says so too (it used to read "0 dropped").
+    assert "2 bad lines skipped (data.on_error=skip; first: " in data.summary() and "bad.jsonl:4:" in data.summary()
+
+
+def test_a_csv_record_is_named_by_the_line_it_starts_on(tmp_path, cache_dir):
+    # Record 1 spans lines 2-3, line 4 is blank, record 4 spans lines 7-8. Every error message names this line.
+    path = tmp_path / "multi.csv"
+    path.write_text('question,answer\n"two\nlines",a\n\nq2,b\nq3,c\n"q4","x\ny"\nq5,d\n')
+    from ft_dist.data.sources import iter_records
+    lines = [r["source_line"] for r in iter_records(data_cfg(cache_dir, f"data.path={path}", "data.on_error=skip"))]
+    assert lines == [2, 5, 6, 7, 9]
+
+
+def test_a_user_file_gets_real_data_defaults_not_the_demos(tmp_path, cache_dir):
+    # data.path=... on the default (demo) data group used to keep dedup off and test_size=200.
+    path = tmp_path / "mine.csv"
+    rows = [f"Q{i} é?,A{i}" for i in range(30)]
+    path.write_text("question,answer\n" + "\n".join(rows + rows[:5]) + "\n")
+    proc = run_cli("data", ["report", f"data.path={path}", f"model.tokenizer={NEOX_TOKENIZER}", f"data.cache_dir={cache_dir}",
+                            f"output_dir={tmp_path / 'r'}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads((tmp_path / "r" / "report.json").read_text())["stats"]
+    assert s["duplicates"] == 5 and s["test"] == 3 and s["train"] == 27 and s["train_test_overlap"] == 0
+    from ft_dist.cli import compose_checked
+    from ft_dist.config import validate
+
+    cfg = compose_checked("train", [f"data.path={path}"], validate)  # what ft-train, ft-launch and ft-slurm compose
+    assert cfg.data.name == "mine" and cfg.data.dedup and cfg.data.test_size == 0.1
+    assert compose_checked("train", [f"data.path={path}", "data=lamini"], validate).data.name == "lamini"
+    other = tmp_path / "alpaca.jsonl"
+    other.write_text(json.dumps({"instruction": "Say hi", "output": "hi"}) + "\n")
+    with pytest.raises(DataError, match="fields present: instruction, output; this file looks like data.prompt_field=instruction"):
+        prepare_dataset(compose_checked("train", [f"data.path={other}", f"data.cache_dir={cache_dir}"], validate).data,
+                        build_char_tokenizer())
 
 
 def test_one_line_errors_and_nothing_cached_on_failure(tmp_path):
@@ -332,6 +381,10 @@ def test_report_counts_histogram_and_flags(tmp_path, cache_dir):
     assert {(f["source_line"], f["category"]) for f in flagged} >= {(4, "repetition"), (6, "too_long")}
     text = (out / "report.md").read_text()
     assert "duplicates 1" in text and "p50" in text and "#" in text and "packing:" in text
+    # The bins span the data's own lengths (they used to span 0..max_seq_len), and the cut-off is marked.
+    hist, lengths = s["lengths"]["histogram"], s["lengths"]
+    assert hist["edges"][0] == lengths["min"] > 0 and hist["edges"][-2] <= lengths["max"] < hist["edges"][-1]
+    assert sum(hist["counts"]) == s["train"] + s["test"] and "data.max_seq_len" in text
     assert (out / "lengths.png").read_bytes()[:4] == b"\x89PNG"
 
 

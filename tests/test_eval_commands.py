@@ -91,6 +91,7 @@ def test_error_reports_count_what_the_jsonl_lists(compared, demo_run):
         markdown = (out / f"errors-{model}.md").read_text()
         assert markdown.startswith(f"# Error analysis ({N_TEST} answers") and "| category | count | share |" in markdown
         assert len(read_jsonl(out / f"samples-{model}.jsonl")) == N_TEST
+        assert str(out / f"errors-{model}.md") in proc.stdout  # the file written, not a placeholder
     # The random-init base babbles to max_new_tokens; the finetuned model stops at EOS after a short answer.
     assert summary["base"]["errors"]["truncated"] > 0 == summary[demo_run.name]["errors"]["truncated"]
     assert sum(summary["base"]["errors"].values()) > sum(summary[demo_run.name]["errors"].values())

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO
-from dist_utils import env, free_port
+from dist_utils import env, free_port, torchrun
 
 
-def launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch" / "launch.py"), *args], cwd=REPO, env=env(),
+def launch(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "launch" / "launch.py"), *args], cwd=cwd, env=env(),
                           capture_output=True, text=True, timeout=600)
+
+
+def test_help_prints_usage_instead_of_a_parser_error():
+    for args in (["--help"], ["-h"], ["slurm", "--help"]):
+        proc = launch(*args)
+        assert proc.returncode == 0 and proc.stderr == "", (args, proc.stderr[-2000:])
+        assert "-- " in proc.stdout and "clusters (cluster=...): local, p3dn, p4d, p5" in proc.stdout, args
 
 
 def test_multi_node_torchrun_command_with_cluster_env():
@@ -60,12 +68,24 @@ def test_a_bad_training_override_fails_in_one_line():
         "error: training overrides: config error: train.lr: Value 'fast' of type 'str' could not be converted to Float"]
 
 
+def test_single_on_several_processes_is_refused_before_any_work(tmp_path):
+    proc = launch("cluster=local", "cluster.gpus_per_node=2", "--", "strategy=single")
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: config error: strategy: single runs one process, but this job launches 2")
+    # Plain torchrun: every rank stops at the config check, before data preparation prints its line.
+    ran = torchrun(["strategy=single", f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"], timeout=120)
+    assert ran.returncode != 0 and "data:" not in ran.stdout and not (tmp_path / "cache").exists()
+    assert ran.stderr.count("error: config error: strategy: single runs one process, but 2 were launched") == 1
+
+
 @pytest.mark.slow
 def test_run_flag_launches_the_local_job(tmp_path, cache_dir, model_dir):
     model = model_dir
+    # From a folder that is not the checkout: the installed ft-launch runs from anywhere.
     proc = launch("cluster=local", "cluster.gpus_per_node=2", f"master_port={free_port()}", "--run", "--", "train.max_steps=3",
                   f"model.name_or_path={model}", "model.from_config=false", f"output_dir={tmp_path / 'run'}",
-                  "eval.before_training=false", "eval.max_examples=2", "eval.max_new_tokens=2", f"data.cache_dir={cache_dir}")
+                  "eval.before_training=false", "eval.max_examples=2", "eval.max_new_tokens=2", f"data.cache_dir={cache_dir}",
+                  cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "strategy=ddp" in proc.stdout and (tmp_path / "run" / "final" / "model.safetensors").exists()
 
@@ -79,3 +99,5 @@ def test_slurm_script_resumes_unless_told_not_to(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         script = (run_dir / "job.sbatch").read_text()
         assert expected in script and f"output_dir={run_dir}" in script
+        # Exit 85 (checkpointed after a preemption) and 86 (the hang watchdog ended a stuck job) are requeued.
+        assert '[ "$rc" = 85 ] || [ "$rc" = 86 ]' in script

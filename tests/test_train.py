@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import LAMINI, TINY_NEOX, compose, run_cli
+from dist_utils import assert_readable_by_others
 
 SHORT = ["train.max_steps=80", "train.eval_every=20", "train.eval_batches=2", "train.log_every=10",
          "eval.max_examples=24", "eval.max_new_tokens=24"]
@@ -37,6 +38,8 @@ def test_eval_loss_falls_and_outputs_are_written(demo_run):
     assert "micro_batch_size: 32" in config and "max_steps: 80" in config and "${" not in config
     assert (demo_run / "final" / "model.safetensors").is_file() and (demo_run / "final" / "tokenizer.json").is_file()
 
+    assert_readable_by_others(demo_run / "final")
+
 
 def test_saved_model_round_trips_through_plain_transformers(demo_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,6 +66,33 @@ def test_eval_and_generate_commands(demo_run, cache_dir):
                                 "eval.max_new_tokens=24"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() and len(proc.stdout.strip().splitlines()) == 1
+
+
+def test_a_run_dir_remembers_its_model_and_data(tmp_path, cache_dir):
+    """ft-eval / ft-generate checkpoint=<run> read the run's model, data and template from its config.yaml."""
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Name {i}", "output": f"n{i}"}) + "\n" for i in range(40)))
+    run = tmp_path / "run"
+    proc = run_cli("train", [f"output_dir={run}", f"data.cache_dir={cache_dir}", f"data.path={data}", "data.template=alpaca",
+                             "data.prompt_field=instruction", "data.response_field=output", "train.max_steps=2", "train.save_every=2",
+                             "eval.before_training=false", "eval.max_examples=2", "eval.max_new_tokens=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli("eval", [f"checkpoint={run}", f"output_dir={tmp_path / 'eval'}", f"data.cache_dir={cache_dir}",
+                            "eval.max_examples=0", "eval.max_new_tokens=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["finetuned"]["examples"] == 4  # the run's own test split (10 % of 40), not the demo's 200
+    proc = run_cli("generate", [f"checkpoint={run}", "prompt='Name 3'", "eval.max_new_tokens=2", "data.cache_dir=" + str(cache_dir)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Resuming in the run dir needs none of the data settings again (it used to stop: "data.path: ... differs").
+    again = run_cli("train", [f"output_dir={run}", f"data.cache_dir={cache_dir}", "train.max_steps=2", "train.save_every=2",
+                              "eval.before_training=false",
+                              "eval.max_examples=2", "eval.max_new_tokens=2"])
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
+    bad = run_cli("eval", [f"checkpoint={run}", "model=llama-2-7b", f"output_dir={tmp_path / 'x'}"])
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        f"error: config error: model: {run} was trained with model 'tiny', not 'llama-2-7b'; drop model=llama-2-7b "
+        "(the run's config.yaml supplies it) or pass another checkpoint")
 
 
 def test_eval_rejects_a_directory_without_a_model(tmp_path):

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator
@@ -25,6 +24,7 @@ from typing import Any, Dict, Iterator
 import numpy as np
 
 from ft_dist import dist
+from ft_dist.atomic_io import temp_dir
 from ft_dist.data.mix import weighted_indices
 from ft_dist.data.pack import pack_batch, packing_efficiency
 from ft_dist.data.sources import EMPTY, OK, SKIPPED, configured_sources, content_fingerprint, iter_records, record_features
@@ -49,6 +49,18 @@ class PreparedData:
     test: Any
     stats: Dict[str, Any]
     cache_path: Path
+
+    def summary(self) -> str:
+        """The one line a run prints about its data; whatever was left out is counted, and skipped lines named."""
+        s = self.stats
+        line = (f"data: {s['records']} records -> {s['train']} train / {s['test']} test, {s['truncated']} truncated, "
+                f"{s['dropped']} dropped as over-long")
+        removed = [f"{s[k]} {k}" for k in ("empty", "duplicates") if s.get(k)]
+        if s.get("skipped"):
+            removed.insert(0, f"{s['skipped']} bad lines skipped (data.on_error=skip; first: {s['skipped_examples'][0]})")
+        if removed:
+            line += "; not used: " + ", ".join(removed)
+        return f"{line} (cache {self.cache_path.name})"
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -100,11 +112,15 @@ def _read(data_cfg: Any, work: Path, key: str) -> Any:
 
 
 def _length_summary(lengths: np.ndarray, max_seq_len: int) -> Dict[str, Any]:
-    counts, edges = np.histogram(lengths, bins=HISTOGRAM_BINS, range=(0, max_seq_len))
+    # Bins cover the data's own range (whole tokens each), not 0..max_seq_len, where short data fills 2-3 bars;
+    # the cut-off is kept beside them for the table and the plot to mark.
+    lo, hi = (int(lengths.min()), int(lengths.max())) if len(lengths) else (0, max_seq_len)
+    width = max(1, -(-(hi - lo + 1) // HISTOGRAM_BINS))
+    counts, edges = np.histogram(lengths, bins=lo + width * np.arange(-(-(hi - lo + 1) // width) + 1))
     pct = {f"p{q}": int(np.percentile(lengths, q)) for q in (5, 25, 50, 75, 95, 99)} if len(lengths) else {}
     return {"min": int(lengths.min()) if len(lengths) else 0, "max": int(lengths.max()) if len(lengths) else 0,
             "mean": round(float(lengths.mean()), 1) if len(lengths) else 0.0, **pct,
-            "histogram": {"edges": [int(e) for e in edges], "counts": counts.tolist()}}
+            "histogram": {"edges": [int(e) for e in edges], "counts": counts.tolist(), "max_seq_len": max_seq_len}}
 
 
 def _build(data_cfg: Any, tokenizer: Any, target: Path) -> None:
@@ -113,7 +129,7 @@ def _build(data_cfg: Any, tokenizer: Any, target: Path) -> None:
     disable_progress_bars()
     key = target.name
     num_proc = data_cfg.num_proc if data_cfg.num_proc > 1 else None
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    tmp = temp_dir(target.parent, target.name + ".tmp-")
     try:
         work = tmp / "work"
         ds = _read(data_cfg, work, key)

@@ -54,8 +54,12 @@ def length_table(stats: Dict[str, Any]) -> str:
     hist = stats["lengths"]["histogram"]
     top = max(hist["counts"]) or 1
     lines = [f"{'tokens':>13} {'examples':>9}"]
+    cut = hist.get("max_seq_len")
     for lo, hi, n in zip(hist["edges"], hist["edges"][1:], hist["counts"]):
-        lines.append(f"{lo:>5} - {hi:<5} {n:>9} {'#' * round(40 * n / top)}")
+        mark = "  <- data.max_seq_len" if cut is not None and lo <= cut < hi else ""
+        lines.append(f"{lo:>5} - {hi:<5} {n:>9} {'#' * round(40 * n / top)}{mark}")
+    if cut is not None and cut >= hist["edges"][-1]:
+        lines.append(f"(data.max_seq_len = {cut}: above every example)")
     return "\n".join(lines)
 
 
@@ -69,6 +73,10 @@ def plot_lengths(stats: Dict[str, Any], path: Path) -> None:
     edges = hist["edges"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", edgecolor="black")
+    cut = hist.get("max_seq_len")
+    if cut is not None and cut <= edges[-1] + (edges[-1] - edges[0]) * 0.1:  # the cut-off, where it is in view
+        ax.axvline(cut, color="red", linestyle="--", label=f"data.max_seq_len = {cut}")
+        ax.legend()
     ax.set_xlabel("tokens per example")
     ax.set_ylabel("examples")
     ax.set_title(f"token lengths (median {stats['lengths'].get('p50', 0)}, p99 {stats['lengths'].get('p99', 0)})")
@@ -102,14 +110,48 @@ def render_text(name: str, stats: Dict[str, Any], flags: Dict[str, Any], max_fla
     return "\n".join(lines)
 
 
+LOSS_OPEN, LOSS_CLOSE = "\u00ab", "\u00bb"  # « »: rarer in training text than brackets
+
+
+def mark_loss_tokens(tokenizer: Any, input_ids: List[int], labels: List[int]) -> str:
+    """The example as the model reads it, with each run of loss-bearing tokens (label != -100) in « »."""
+    from ft_dist.data.tokenize import IGNORE_INDEX
+
+    pieces, start = [], 0
+    for i in range(1, len(input_ids) + 1):
+        if i == len(input_ids) or (labels[i] != IGNORE_INDEX) != (labels[start] != IGNORE_INDEX):
+            text = tokenizer.decode(input_ids[start:i])
+            pieces.append(f"{LOSS_OPEN}{text}{LOSS_CLOSE}" if labels[start] != IGNORE_INDEX else text)
+            start = i
+    return "".join(pieces)
+
+
+def show_text(prepared: PreparedData, tokenizer: Any, n: int) -> str:
+    """`ft-data show`: the first n training examples, rendered through the template, loss-bearing tokens marked."""
+    lines = [f"{LOSS_OPEN}...{LOSS_CLOSE} marks the tokens that get loss (labels != -100); the rest is context."]
+    for i, row in enumerate(prepared.train.select(range(min(n, len(prepared.train))))):
+        trained = sum(label != -100 for label in row["labels"])
+        lines += ["", f"--- example {i + 1}: {len(row['input_ids'])} tokens, {trained} with loss",
+                  mark_loss_tokens(tokenizer, row["input_ids"], row["labels"])]
+    return "\n".join(lines)
+
+
 def run(cfg: Any) -> int:
-    """Entry point of `ft-data` (action=report)."""
+    """Entry point of `ft-data` (action=report or show)."""
     from omegaconf import OmegaConf
 
     from ft_dist.models import load_tokenizer
 
     out = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model)
+    if cfg.action == "show":  # unpacked, so each row is one example; same records, template and masking
+        text = show_text(prepare_dataset(OmegaConf.merge(cfg.data, {"packing": False}), tokenizer), tokenizer,
+                         cfg.show_examples)
+        if dist.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "examples.md").write_text(text + "\n")
+        dist.log(text)
+        return 0
     # Example-level analysis needs each example's text, which packed rows no longer hold: analyse the unpacked
     # preparation (same records, split and tokens) and take the packing figures from the packed one.
     unpacked_cfg = OmegaConf.merge(cfg.data, {"packing": False})

@@ -151,8 +151,10 @@ def validate_data(data: Any) -> None:
 
 def validate_data_run(cfg: Any) -> None:
     """Pre-flight checks of `ft-data` (conf/data.yaml)."""
-    if cfg.action not in ("report",):
-        raise ConfigError("action", f"expected report, got {cfg.action!r}")
+    if cfg.action not in ("report", "show"):
+        raise ConfigError("action", f"expected report or show, got {cfg.action!r}")
+    if cfg.show_examples < 1:
+        raise ConfigError("show_examples", f"expected >= 1, got {cfg.show_examples}")
     if cfg.model.tokenizer is None and cfg.model.name_or_path is None:
         raise ConfigError("model.tokenizer", "expected a tokenizer path or id (the report counts tokens)")
     validate_data(cfg.data)
@@ -170,12 +172,15 @@ def register(cs: Any) -> None:
         """Only the tokenizer is used."""
         data: DataConfig = field(default_factory=DataConfig)
         action: str = "report"
-        """What to do; `ft-data report data=...` sets it from the leading word."""
+        """report (counts, lengths, flags) or show (examples with the tokens that get loss marked); `ft-data
+        report|show data=...` sets it from the leading word."""
         output_dir: str = MISSING
         """Where report.json, report.md, lengths.png and flagged.jsonl go."""
         max_flagged: int = 20
         """Flagged responses (repetition, overly long) listed in the report."""
         long_ratio: float = 4.0
         """A response is overly long at more than this many times the median response's words."""
+        show_examples: int = 3
+        """How many training examples `ft-data show` renders."""
 
     cs.store(name="data_report_schema", node=DataReportConfig)

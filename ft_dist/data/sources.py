@@ -145,9 +145,19 @@ def _read_json(path: Path) -> Iterator[Row]:
 def _read_csv(path: Path) -> Iterator[Row]:
     try:
         with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            for row in reader:
-                yield reader.line_num, row
+            # csv.reader, not DictReader: a quoted field may span lines, and a record's line is where it starts
+            # (DictReader's line_num is where it ends, and it skips blank lines before we can see where it began).
+            reader = csv.reader(fh)
+            fields = next(reader, None)
+            start = reader.line_num + 1
+            for values in reader:
+                if values:  # DictReader's semantics: blank lines skipped, extra values under None, missing ones None
+                    row: Dict[Any, Any] = dict(zip(fields, values))
+                    if len(values) > len(fields):
+                        row[None] = values[len(fields):]
+                    row.update({f: None for f in fields[len(values):]})
+                    yield start, row
+                start = reader.line_num + 1
     except UnicodeDecodeError as err:
         raise DataError(f"not UTF-8 text (byte {err.start}); re-encode the file as UTF-8", str(path))
 
@@ -191,12 +201,20 @@ def _rows(source: Source) -> Iterator[Tuple[str, int, Union[Dict[str, Any], Data
             yield str(f), lineno, row
 
 
+_USUAL_PROMPTS = ("instruction", "prompt", "question", "input", "query", "text")
+_USUAL_RESPONSES = ("output", "response", "completion", "answer", "target", "label")
+
+
 def _missing(row: Dict[str, Any], name: str, key: str, where: str, lineno: int) -> DataError:
     present = ", ".join(sorted(map(str, row))) or "none"
     hint = ""
     if key.endswith("prompt_field") and any(k in row for k in ("messages", "conversations")):
         found = "messages" if "messages" in row else "conversations"
         hint = f"; chat data? set data.messages_field={found} and data.template=chatml or tokenizer"
+    else:  # the usual names of other datasets (Alpaca, prompt/completion, TRL, ...)
+        usual = _USUAL_PROMPTS if key.endswith("prompt_field") else _USUAL_RESPONSES if key.endswith("response_field") else ()
+        found = next((f for f in usual if f in row), None)
+        hint = f"; this file looks like {key}={found}" if found else ""
     return DataError(f"missing field {name!r} (set {key}); fields present: {present}{hint}", where, lineno)
 
 

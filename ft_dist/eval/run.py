@@ -130,7 +130,8 @@ def report(cfg: Any, results: List[ModelResult], vocabulary: Optional[Set[str]],
     line = _error_line(results)
     if line:
         dist.log(line)
-        dist.log(f"error reports: {out_dir}/errors-<model>.md (worst examples) and .jsonl (every tagged answer)")
+        written = ", ".join(str(out_dir / f"errors-{_file_name(r.name)}.md") for r in results if r.errors is not None)
+        dist.log(f"error reports: {written} (worst examples; .jsonl beside each: every tagged answer)")
     dist.log(f"results: {out_dir / 'eval.json'}")
 
 

@@ -12,7 +12,11 @@ Nothing here imports torch at module level: these run on login nodes and in batc
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TRAIN_SCRIPT = "launch/train.py"  # relative to REPO_ROOT: printed commands run from the checkout on every node
 
 
 def job_overrides(overrides: Sequence[str], world_size: int, output_dir: Optional[object] = None) -> List[str]:
@@ -22,6 +26,11 @@ def job_overrides(overrides: Sequence[str], world_size: int, output_dir: Optiona
     the user named one; a job that owns its run dir replaces any `output_dir=` given.
     """
     out = [o for o in overrides if output_dir is None or not o.startswith("output_dir=")]
+    if world_size > 1 and "strategy=single" in out:  # refused here, before a job starts N processes to refuse it
+        from ft_dist.errors import ConfigError
+
+        raise ConfigError("strategy", f"single runs one process, but this job launches {world_size}; choose "
+                                      "strategy=ddp, fsdp or a zero stage, or cluster.gpus_per_node=1 cluster.nodes=1")
     if world_size > 1 and not any(o.startswith("strategy=") for o in out):
         out.append("strategy=ddp")
     if output_dir is not None:

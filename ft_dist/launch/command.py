@@ -17,10 +17,8 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
-from ft_dist.launch import job_overrides
-from ft_dist.launch.slurm_cli import check_train_overrides, compose_launch, split_argv
-
-TRAIN = "launch/train.py"
+from ft_dist.launch import REPO_ROOT, TRAIN_SCRIPT, job_overrides
+from ft_dist.launch.slurm_cli import check_train_overrides, compose_launch, exit_with_help_if_asked, split_argv
 
 
 def _option(args: List[str], name: str, default: Optional[str]) -> Optional[str]:
@@ -51,14 +49,17 @@ def build_command(cluster: object, overrides: List[str], master_addr: str, port:
             cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{master_addr}:{port}", "--rdzv_id", "ft-dist"]
         else:
             cmd += ["--master_addr", master_addr, "--master_port", str(port)]
-    return [*cmd, TRAIN, *job_overrides(overrides, nodes * gpus)]
+    return [*cmd, TRAIN_SCRIPT, *job_overrides(overrides, nodes * gpus)]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     from ft_dist.errors import UserError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["slurm"]:
+        exit_with_help_if_asked(argv, __doc__ or "")
     try:
-        _main(list(sys.argv[1:] if argv is None else argv))
+        _main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
@@ -98,6 +99,8 @@ def _main(argv: List[str]) -> None:
         if cluster.nodes > 1 and ("${" in master_addr or "${" in node_rank):
             print("error: --run on several nodes needs master_addr=... (and node_rank=... for deepspeed)", file=sys.stderr)
             sys.exit(2)
+        # The printed line runs from the checkout on each node; here the script is this checkout's, from any folder.
+        cmd = [str(REPO_ROOT / TRAIN_SCRIPT) if a == TRAIN_SCRIPT else a for a in cmd]
         # torchrun's own code, keeping exit 85 ("checkpointed, requeue me") that plain torchrun reports as 1.
         exe = [sys.executable, "-m", "ft_dist.launch.node", *cmd[1:]] if launcher == "torchrun" else cmd
         sys.exit(subprocess.call(exe, env={**os.environ, **env}))

@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from ft_dist import EXIT_REQUEUE
-from ft_dist.launch import job_overrides
+from ft_dist import EXIT_HANG, EXIT_REQUEUE
+from ft_dist.launch import REPO_ROOT, job_overrides
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def train_overrides(overrides: Sequence[str], run_dir: Path, resume: bool, world_size: int = 1) -> List[str]:
@@ -85,7 +84,8 @@ done
 echo "[ft-dist] $(date '+%F %T') training exited with $rc"
 
 finished=0; [ -f "$RUN_DIR/eval.json" ] && finished=1
-if [ "$cancelled" = 0 ] && { [ "$rc" = __EXIT_REQUEUE__ ] || { [ "$preempted" = 1 ] && [ "$finished" = 0 ]; }; }; then
+# __EXIT_HANG__: the hang watchdog named a stuck rank and ended the job; it restarts from its checkpoint like a preemption.
+if [ "$cancelled" = 0 ] && { [ "$rc" = __EXIT_REQUEUE__ ] || [ "$rc" = __EXIT_HANG__ ] || { [ "$preempted" = 1 ] && [ "$finished" = 0 ]; }; }; then
   if [ "$RESTART" -lt __MAX_REQUEUES__ ]; then
     echo "[ft-dist] $(date '+%F %T') checkpointed; requeueing job $SLURM_JOB_ID (restart $((RESTART + 1)))"
     scontrol requeue "$SLURM_JOB_ID"
@@ -111,7 +111,7 @@ def render(cluster: Any, overrides: Sequence[str], run_dir: Path, job_name: str 
             .replace("__PYTHON__", shlex.quote(python or sys.executable))
             .replace("__NPROC__", str(cluster.gpus_per_node))
             .replace("__OVERRIDES__", " ".join(shlex.quote(o) for o in final))
-            .replace("__EXIT_REQUEUE__", str(EXIT_REQUEUE))
+            .replace("__EXIT_REQUEUE__", str(EXIT_REQUEUE)).replace("__EXIT_HANG__", str(EXIT_HANG))
             .replace("__MAX_REQUEUES__", str(cluster.max_requeues)))
     header = ["#!/bin/bash", f"# ft-dist: {cluster.name}, {cluster.nodes} node(s) x {cluster.gpus_per_node} "
               f"process(es); written by `ft-launch slurm` (launch/slurm.py). Resubmit as is: it resumes.",

@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 
 from omegaconf import DictConfig
 
-from ft_dist.launch import sbatch
+from ft_dist.launch import REPO_ROOT, sbatch
 
 
 def split_argv(argv: List[str]) -> Tuple[List[str], List[str]]:
@@ -24,6 +24,19 @@ def split_argv(argv: List[str]) -> Tuple[List[str], List[str]]:
         i = argv.index("--")
         return argv[:i], argv[i + 1:]
     return argv, []
+
+
+def exit_with_help_if_asked(argv: List[str], doc: str) -> None:
+    """`-h` / `--help` before `--`: the command's usage and the cluster configs there are, then exit 0.
+
+    Without this, Hydra's override parser reads `--help` as an override and fails with a lexer error.
+    """
+    if not {"-h", "--help"} & set(split_argv(argv)[0]):
+        return
+    clusters = sorted(p.stem for p in (REPO_ROOT / "conf" / "cluster").glob("*.yaml"))
+    print(doc.strip())
+    print(f"\nclusters (cluster=...): {', '.join(clusters)}; fields: ft_dist/launch/schema.py")
+    sys.exit(0)
 
 
 def compose_launch(overrides: List[str]) -> DictConfig:
@@ -80,8 +93,10 @@ def prepare(argv: List[str]) -> Tuple[DictConfig, Path]:
 def main(argv: Optional[List[str]] = None) -> None:
     from ft_dist.errors import UserError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    exit_with_help_if_asked(argv, __doc__ or "")
     try:
-        cfg, script = prepare(list(sys.argv[1:] if argv is None else argv))
+        cfg, script = prepare(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)

@@ -20,9 +20,8 @@ from typing import Any, Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
-from ft_dist.launch import job_overrides
+from ft_dist.launch import REPO_ROOT, TRAIN_SCRIPT, job_overrides
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 NPROC_ENV = "FT_DIST_NPROC_PER_NODE"
 """Processes per node for each member; set by launch/sweep.py's --nproc-per-node, inherited by Slurm jobs."""
 SUMMARY_METRICS = ("final_train_loss", "eval_loss", "eval_perplexity", "exact_match", "token_f1", "train_seconds")
@@ -65,7 +64,7 @@ def run_member(cfg: DictConfig) -> int:
     world_size = layout["nnodes"] * layout["nproc"]
     overrides = member_overrides(list(hc.overrides.task), run_dir, world_size, cfg, sweep_dir.name)
     cmd = [sys.executable, "-m", "ft_dist.launch.node", *layout["torchrun"], "--nproc_per_node", str(layout["nproc"]),
-           "--max_restarts", "0", str(REPO_ROOT / "launch" / "train.py"), *overrides]
+           "--max_restarts", "0", str(REPO_ROOT / TRAIN_SCRIPT), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # submitit sets these for its own tasks; torchrun must set them for the workers

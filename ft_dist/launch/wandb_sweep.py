@@ -29,9 +29,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import yaml
 
-from ft_dist.launch import job_overrides
+from ft_dist.launch import REPO_ROOT, TRAIN_SCRIPT, job_overrides
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _sweep_parameter(override: Any) -> Dict[str, Any]:
@@ -69,9 +68,9 @@ def sweep_config(overrides: Sequence[str], nproc_per_node: int = 1, method: str 
     if not any(f.startswith("logger=") for f in fixed):
         fixed.append("logger=wandb")
     runs = Path(runs_dir).resolve()
-    command = ["${env}", sys.executable, "-m", "ft_dist.launch.node", *torchrun, "launch/train.py", *fixed,
+    command = ["${env}", sys.executable, "-m", "ft_dist.launch.node", *torchrun, TRAIN_SCRIPT, *fixed,
                f"output_dir={runs}/" + "${oc.env:WANDB_RUN_ID}", "${args_no_hyphens}"]
-    config: Dict[str, Any] = {"program": "launch/train.py", "method": method,
+    config: Dict[str, Any] = {"program": TRAIN_SCRIPT, "method": method,
                               "metric": {"name": metric, "goal": goal}, "parameters": parameters, "command": command}
     if name:
         config["name"] = name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ft_dist.config import single_needs_one_process
 from ft_dist.dist import World
 from ft_dist.errors import ConfigError
 from ft_dist.strategies.base import Strategy
@@ -13,7 +14,7 @@ def build_strategy(cfg: Any, world: World) -> Strategy:
     name = cfg.strategy.name
     if name == "single":
         if world.distributed:
-            raise ConfigError("strategy", f"single runs one process, but WORLD_SIZE={world.size}; choose strategy=ddp, fsdp or a zero stage")
+            raise ConfigError("strategy", single_needs_one_process(world.size))
         from ft_dist.strategies.single import SingleDevice
 
         return SingleDevice(cfg, world)
