@@ -11,6 +11,7 @@ import difflib
 import re
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -38,9 +39,12 @@ _register_resolvers()
 
 
 def _fail(message: str, code: int = 2) -> None:
-    # Every rank meets the same user error; one copy of the message is enough (torchrun ends the others).
+    # Every rank meets the same user error; one copy of the message is enough. The other ranks wait a moment
+    # before exiting: torchrun ends every rank as soon as one exits, which could be before rank 0 has printed.
     if os.environ.get("RANK", "0") == "0":
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(3)
     sys.exit(code)
 
 
