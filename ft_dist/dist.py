@@ -122,11 +122,13 @@ def set_world(world: World) -> None:
     _WORLD = world
 
 
-def close() -> None:
-    """Destroy the process group after a barrier, so no rank exits while another still talks to it."""
+def close(barrier: bool = True) -> None:
+    """Destroy the process group after a barrier, so no rank exits while another still talks to it (no barrier
+    when leaving on an error, which the other ranks may never meet)."""
     _MESHES.clear()
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

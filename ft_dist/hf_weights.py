@@ -166,7 +166,7 @@ def write_hf_model(units: Iterable[Mapping[str, torch.Tensor]], twin: nn.Module,
             for name, tensor in unit.items():
                 if is_adapter_name(name) or writer is None:
                     continue
-                value = merger.merged(name, tensor) if merger is not None and ".base_layer." in name else tensor
+                value = merger.merged(name, tensor) if merger is not None and name.endswith(".base_layer.weight") else tensor
                 writer.add(hf_name(name), value, dtype)
         base = twin.get_base_model() if is_peft else twin
         if writer is not None:

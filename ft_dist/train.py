@@ -124,9 +124,14 @@ def run(cfg: DictConfig) -> int:
     world = dist.init(cfg.device, cfg.strategy.backend, min_timeout_s=cfg.train.hang_timeout_s + 120)
     dist.install_preemption_handlers()
     try:
-        return _train(cfg, world)
-    finally:
-        dist.close()
+        code = _train(cfg, world)
+    except BaseException:
+        # No barrier on the way out: the other ranks may never reach it, and the error must surface (torchrun
+        # then ends them) rather than wait forever in close().
+        dist.close(barrier=False)
+        raise
+    dist.close()
+    return code
 
 
 def _train(cfg: DictConfig, world: dist.World) -> int:

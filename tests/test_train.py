@@ -100,14 +100,16 @@ def test_eval_rejects_a_directory_without_a_model(tmp_path):
     assert proc.returncode == 2 and "checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_merged_lora_logits_equal_adapter_logits(tmp_path, cache_dir):
+# GPT-NeoX has biases on the LoRA-adapted layers (query_key_value, dense, ...): they pass through the merge unchanged.
+@pytest.mark.parametrize("model", [[], TINY_NEOX], ids=["llama", "gpt_neox"])
+def test_merged_lora_logits_equal_adapter_logits(model, tmp_path, cache_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from ft_dist.checkpoint import save_final_model
     from ft_dist.models import apply_peft, build_model, load_tokenizer, model_tensors
 
-    cfg = compose(["peft=lora", "peft.r=4", f"data.cache_dir={cache_dir}"])
+    cfg = compose([*model, "peft=lora", "peft.r=4", f"data.cache_dir={cache_dir}"])
     tok = load_tokenizer(cfg.model)
     torch.manual_seed(0)
     model = apply_peft(build_model(cfg.model, tok), cfg.peft)
