@@ -261,6 +261,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError("train.nonfinite_limit", f"expected >= 1, got {cfg.train.nonfinite_limit}")
     if cfg.train.max_steps == 0 or cfg.train.max_steps < -1:
         raise ConfigError("train.max_steps", f"expected a positive step count or -1, got {cfg.train.max_steps}")
+    if cfg.train.hang_timeout_s and cfg.train.hang_timeout_s < 3 * cfg.train.heartbeat_s:
+        # A heartbeat read by rank 0 can be a whole interval old: the timeout must span several.
+        raise ConfigError("train.hang_timeout_s", f"expected 0 (off) or >= 3 x train.heartbeat_s = "
+                                                  f"{3 * cfg.train.heartbeat_s:g}, got {cfg.train.hang_timeout_s:g}")
     if not 0.0 <= cfg.peft.dropout < 1.0:
         raise ConfigError("peft.dropout", f"expected a value in [0, 1), got {cfg.peft.dropout}")
     if cfg.model.name_or_path is None and not cfg.model.arch:

@@ -50,6 +50,7 @@ def test_wrong_type_is_rejected_at_composition():
     ("peft.dropout=1.5", "peft.dropout"),
     ("data.path=/no/such/file.jsonl", "data.path"),
     ("strategy.offload_optimizer=nvme", "strategy.offload_optimizer"),
+    ("train.hang_timeout_s=5", "train.hang_timeout_s"),  # under 3 heartbeats: a healthy rank would look stuck
 ])
 def test_impossible_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as info:
