@@ -137,10 +137,11 @@ def with_run_config(overrides: List[str], key: str = "checkpoint") -> List[str]:
     for group in RUN_GROUPS:
         chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{group}=")), None)
         if chosen is not None:
-            if group != "data" and chosen != saved[group].get("name", saved[group].get("method")):
-                raise UserError(f"config error: {group}: {run_dir} was trained with {group} "
-                                f"{saved[group].get('name', saved[group].get('method'))!r}, not {chosen!r}; drop "
-                                f"{group}={chosen} (the run's config.yaml supplies it) or pass another {key}")
+            trained = saved[group].get("name", saved[group].get("method"))  # the option's name (peft: its method)
+            if group != "data" and chosen != trained:
+                raise UserError(f"config error: {group}: {run_dir} was trained with {group} {trained!r}, not "
+                                f"{chosen!r}; drop {group}={chosen} (the run's config.yaml supplies it) or pass "
+                                f"another {key}")
             continue
         (conf / group).mkdir()
         OmegaConf.save(saved[group], conf / group / "from_run.yaml")
