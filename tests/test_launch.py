@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from dist_utils import env, free_port, torchrun
+from dist_utils import env, free_port, logged_steps, torchrun, wait_for
 
 
 def launch(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -79,15 +80,28 @@ def test_single_on_several_processes_is_refused_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_flag_launches_the_local_job(tmp_path, cache_dir, model_dir):
-    model = model_dir
-    # From a folder that is not the checkout: the installed ft-launch runs from anywhere.
-    proc = launch("cluster=local", "cluster.gpus_per_node=2", f"master_port={free_port()}", "--run", "--", "train.max_steps=3",
-                  f"model.name_or_path={model}", "model.from_config=false", f"output_dir={tmp_path / 'run'}",
-                  "eval.before_training=false", "eval.max_examples=2", "eval.max_new_tokens=2", f"data.cache_dir={cache_dir}",
-                  cwd=tmp_path)
+def test_run_flag_launches_from_anywhere_and_passes_preemption_on(tmp_path, cache_dir, model_dir):
+    """`ft-launch --run` from a folder that is not the checkout; SIGUSR1 or SIGTERM sent to ft-launch alone (a
+    wrapper script, `kill <pid>`) checkpoints the job and exits 85 with PREEMPTED written, and the same command
+    resumes and finishes. ft-launch used to die of SIGUSR1 (rc 138), orphaning a job that never checkpointed."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "launch.py"), "cluster=local", "cluster.gpus_per_node=2",
+           f"master_port={free_port()}", "--run", "--", "train.max_steps=60", "train.save_every=0", "train.log_every=1",
+           f"model.name_or_path={model_dir}", "model.from_config=false", f"output_dir={run}",
+           "eval.before_training=false", "eval.max_examples=2", "eval.max_new_tokens=2", f"data.cache_dir={cache_dir}"]
+    for attempt, sig in enumerate((signal.SIGUSR1, signal.SIGTERM)):
+        before = logged_steps(run)
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: logged_steps(run) >= before + 2 or proc.poll() is not None, what="2 training steps")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 85, (sig, err[-3000:])
+        assert "strategy=ddp" in out and (run / "PREEMPTED").exists() and "requeue" in err
+        assert len(list((run / "checkpoints").glob("step-*/COMPLETE"))) == attempt + 1
+        assert (f"at step {before}" in out) == bool(attempt)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "strategy=ddp" in proc.stdout and (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert (run / "final" / "model.safetensors").exists() and not (run / "PREEMPTED").exists()
 
 
 def test_slurm_script_resumes_unless_told_not_to(tmp_path):

@@ -103,4 +103,25 @@ def _main(argv: List[str]) -> None:
         cmd = [str(REPO_ROOT / TRAIN_SCRIPT) if a == TRAIN_SCRIPT else a for a in cmd]
         # torchrun's own code, keeping exit 85 ("checkpointed, requeue me") that plain torchrun reports as 1.
         exe = [sys.executable, "-m", "ft_dist.launch.node", *cmd[1:]] if launcher == "torchrun" else cmd
-        sys.exit(subprocess.call(exe, env={**os.environ, **env}))
+        child = subprocess.Popen(exe, env={**os.environ, **env})
+        sys.exit(_supervise(child, launcher))
+
+
+def _supervise(child: subprocess.Popen, launcher: str) -> int:
+    """Wait for the launcher; a preemption signal sent to ft-launch alone reaches the training processes.
+
+    ft_dist.launch.node forwards SIGUSR1/SIGTERM to its workers itself. The deepspeed launchers die on SIGUSR1 and
+    kill their workers on SIGTERM, so there the signal goes straight to the processes running the training script.
+    """
+    import psutil
+
+    from ft_dist.launch.node import forward_preemption_signals  # imports psutil
+
+    def targets() -> List[psutil.Process]:
+        if launcher == "torchrun":
+            return [psutil.Process(child.pid)]
+        return [p for p in psutil.Process(child.pid).children(recursive=True)
+                if any(a.endswith(TRAIN_SCRIPT) for a in p.cmdline())]
+
+    forward_preemption_signals(targets)
+    return child.wait()

@@ -3,9 +3,10 @@
 1. The training's exit code. torchrun reports any failed worker as exit code 1, so "checkpointed after a preemption
    signal, please requeue" (`EXIT_REQUEUE`, 85) would be lost. Here, when every failed worker exited 85, this
    process exits 85 too, and the batch script turns that into `scontrol requeue`.
-2. SIGUSR1. torchrun installs no handler for it, so its default action would kill the agent and orphan the
-   workers. Here SIGUSR1 is passed on to the worker processes (which checkpoint at the next step boundary and exit
-   85) while torchrun keeps supervising them. SIGTERM stays torchrun's: it forwards it to the workers itself.
+2. The preemption signals, SIGUSR1 and SIGTERM. torchrun installs no handler for SIGUSR1, so its default action
+   would kill the agent and orphan the workers; on SIGTERM torchrun signals the workers, gives them 30 s and exits 1
+   with a traceback, whatever they did. Here both are passed on to the worker processes (which checkpoint at the
+   next step boundary and exit 85) while torchrun keeps supervising them. SIGINT (Ctrl-C) stays torchrun's.
 
     python -m ft_dist.launch.node <torchrun arguments> launch/train.py k=v ...
 """
@@ -15,21 +16,31 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import List, Optional
+from typing import Callable, Iterable, List, Optional
+
+import psutil
 
 from ft_dist import EXIT_REQUEUE  # "checkpointed after a preemption signal, please requeue"
 
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # what ft_dist.dist.install_preemption_handlers catches
 
 
-def _forward_to_workers(signum: int, _frame: object) -> None:
-    """Send the signal to this process's children: the worker processes torchrun started."""
-    import psutil
+def forward_preemption_signals(targets: Callable[[], Iterable[psutil.Process]]) -> None:
+    """From now on, SIGUSR1/SIGTERM to this process are sent on to `targets()` instead of ending it."""
 
-    for child in psutil.Process().children(recursive=False):
-        try:
-            child.send_signal(signum)
-        except psutil.NoSuchProcess:
-            pass
+    def forward(signum: int, _frame: object) -> None:
+        for proc in targets():
+            try:
+                proc.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, forward)
+
+
+def _children() -> List[psutil.Process]:
+    return psutil.Process().children(recursive=False)
 
 
 def node_exit_code(exit_codes: List[int]) -> int:
@@ -47,8 +58,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    signal.signal(signal.SIGUSR1, _forward_to_workers)
+    forward_preemption_signals(_children)  # the worker processes torchrun starts
     args = get_args_parser().parse_args(argv if argv is not None else sys.argv[1:])
+    # torchrun would otherwise take SIGTERM back (it installs its handlers when it starts the workers).
+    args.signals_to_handle = ",".join(s for s in args.signals_to_handle.split(",") if s.strip() != "SIGTERM")
     try:
         run(args)
     except ChildFailedError as err:
