@@ -58,8 +58,8 @@ def main() -> int:
 
     from hydra import compose, initialize_config_dir
 
-    import ft_dist.cli as cli
-    from ft_dist.eval.run import run
+    import ft_dist.commands.startup as cli
+    from ft_dist.commands.eval import run
 
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="ft-dist-bench-eval-"))
     with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):

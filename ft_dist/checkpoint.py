@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from ft_dist import dist
 from ft_dist.atomic_io import atomic_dir, atomic_write_text  # noqa: F401  (re-exported for the commands)
+from ft_dist.errors import ConfigError
 from ft_dist.tracking import scrub_secrets
 
 MAX_SHARD_BYTES = 2 * 2**30
@@ -65,7 +67,6 @@ def complete_checkpoints(out_dir: Path) -> list:
 
 def find_resume_checkpoint(resume: Optional[str], out_dir: Path, key: str = "train.resume") -> Optional[Path]:
     """`auto`: the latest complete checkpoint in the run dir, or None for a fresh start; else an explicit path."""
-    from ft_dist.errors import ConfigError
 
     if resume in (None, "", "none", "never"):
         return None
@@ -233,3 +234,41 @@ def export_checkpoint(run_cfg: Any, checkpoint: Path, target: Path, merge_lora: 
                          {"ft_config.yaml": config_yaml(run_cfg)})
     assert out is not None
     return out
+
+
+# Settings that may change between a checkpoint and its resume: batch layout (checked separately), cadence of
+# logging/eval/saving, and where things run. Everything else must match, or the resumed run is a different run.
+_RESUMABLE_CHANGES = {"micro_batch_size", "grad_accum", "resume", "resume_ignore_config", "save_every", "save_minutes",
+                      "keep_checkpoints", "max_shard_gb", "log_every", "eval_every", "eval_batches", "num_workers", "nonfinite_limit",
+                      "hang_timeout_s", "heartbeat_s"}
+
+
+def config_fingerprint(cfg: DictConfig) -> Dict[str, Any]:
+    """The flattened settings a checkpoint must agree with to be resumed exactly."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    flat: Dict[str, Any] = {}
+    for group in ("model", "data", "peft", "train"):
+        for key, value in container[group].items():
+            if (group == "train" and key in _RESUMABLE_CHANGES) or (group == "data" and key == "cache_dir"):
+                continue
+            flat[f"{group}.{key}"] = value
+    return flat
+
+
+def check_resumable(cfg: DictConfig, path: Path, world: dist.World) -> None:
+    """Refuse, in one line naming what differs and what to pass, a checkpoint this run cannot continue exactly."""
+    meta = read_meta(path)
+    now, then = config_fingerprint(cfg), meta.get("config", {})
+    diffs = [f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(now) | set(then))
+             if now.get(k) != then.get(k)]
+    if diffs and not cfg.train.resume_ignore_config:
+        raise ConfigError("train.resume", f"checkpoint {path} was written with a different config ({'; '.join(diffs)}); "
+                          "pass train.resume_ignore_config=true to resume anyway, or a new output_dir to start fresh")
+    tc = cfg.train
+    global_batch = tc.micro_batch_size * tc.grad_accum * world.size
+    if meta["global_batch"] != global_batch:
+        per_rank = meta["global_batch"] / (tc.micro_batch_size * world.size)
+        hint = f"set train.grad_accum={int(per_rank)}" if per_rank.is_integer() else "choose micro_batch_size x grad_accum x world to match"
+        raise ConfigError("train.grad_accum", f"checkpoint {path} used global batch {meta['global_batch']} (micro "
+                          f"{meta['micro_batch_size']} x accum {meta['grad_accum']} x world {meta['world_size']}), this run "
+                          f"{global_batch}: {hint} so the data position maps exactly")

@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from ft_dist.data.schema import DataConfig, validate_data
@@ -175,35 +174,6 @@ class RunConfig:
     """The run directory: config.yaml, metrics.jsonl, checkpoints/, final/."""
     device: str = "auto"
     """auto | cpu | cuda."""
-
-
-@dataclass
-class ExportConfig:
-    """`ft-export`: turn a training checkpoint into an HF model directory."""
-
-    checkpoint: str = MISSING
-    """A checkpoints/step-<N> dir, or a run dir (its newest complete checkpoint)."""
-    output: str = MISSING
-    max_shard_gb: float = 2.0
-    """Largest safetensors file written; export holds one shard and one transformer block at a time."""
-    merge_lora: bool = True
-    """For LoRA runs: also write the merged full model (the adapter goes to output/adapter either way)."""
-
-
-def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=RunConfig)
-    cs.store(name="export_schema", node=ExportConfig)
-    # Commands other than ft-train own their schema modules; each registers its primary config here.
-    from ft_dist.data.schema import register as register_data
-    from ft_dist.eval.schema import register as register_eval
-    from ft_dist.launch.schema import register as register_launch
-    from ft_dist.planner.schema import register as register_plan
-
-    register_data(cs)
-    register_eval(cs)
-    register_launch(cs)
-    register_plan(cs)
 
 
 _CHOICES: Dict[str, tuple] = {

@@ -20,8 +20,9 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from ft_dist import dist, hooks
-from ft_dist.data.batching import GlobalBatchSampler, collate, count_real_tokens, examples_from_rows
+from ft_dist.data.batching import GlobalBatchSampler, collate, count_real_tokens, examples_from_rows, to_device
 from ft_dist.data.prepare import PreparedData
+from ft_dist.eval.loss import evaluate_loss
 from ft_dist.optim import build_scheduler
 from ft_dist.phase_memory import PhaseMemory
 from ft_dist.strategies.base import Strategy
@@ -51,41 +52,6 @@ def memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _to(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate_loss(strategy: Strategy, dataset: Any, pad_id: int, batch_size: int, max_batches: int = 0) -> Dict[str, float]:
-    """Mean per-token loss and perplexity over (the first `max_batches` batches of) `dataset`, sharded over ranks."""
-    model = strategy.model
-    was_training = model.training
-    model.eval()
-    world = strategy.world
-    n_batches = math.ceil(len(dataset) / batch_size)
-    if max_batches:
-        n_batches = min(n_batches, max_batches)
-    loss_sum, tokens = 0.0, 0.0
-    # Every rank runs the same number of forwards (sharded models gather weights collectively in each one);
-    # a rank with no batch left re-runs batch 0 and discards the result.
-    rounds = math.ceil(n_batches / world.size)
-    for b in range(world.rank, rounds * world.size, world.size):
-        real = b < n_batches
-        start = (b if real else 0) * batch_size
-        rows = dataset[start:start + batch_size]
-        batch = _to(collate(examples_from_rows(rows), pad_id), world.device)
-        with strategy.autocast():
-            out = model(**batch, use_cache=False, num_items_in_batch=1)  # reduction: sum over tokens
-        if real:
-            loss_sum += float(out.loss)
-            tokens += float((batch["labels"] != -100).sum())
-    loss_sum, tokens = dist.all_reduce_sum([loss_sum, tokens])
-    if was_training:
-        model.train()
-    loss = loss_sum / max(tokens, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
 def forward_backward(strategy: Strategy, batches: List[Dict[str, torch.Tensor]], n_global: float,
@@ -186,7 +152,7 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
         tokens = float(sum(count_real_tokens(b) for b in cpu_batches))
         with memory.phase("train"):
             progress("forward/backward", step + 1)
-            loss_sum = float(forward_backward(strategy, [_to(b, world.device) for b in cpu_batches], n_global,
+            loss_sum = float(forward_backward(strategy, [to_device(b, world.device) for b in cpu_batches], n_global,
                                               poison=bool(poison_from) and step + 1 >= poison_from))
             progress("loss all-reduce and optimizer step", step + 1)
             due = bool(tc.save_minutes) and world.is_main and time.time() - last_save >= 60 * tc.save_minutes

@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from ft_dist.cli import train  # noqa: E402
+from ft_dist.commands import train  # noqa: E402
 
 if __name__ == "__main__":
     train()

@@ -42,7 +42,7 @@ def compose(overrides: Sequence[str] = (), name: str = "train"):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import ft_dist.cli as cli
+    import ft_dist.commands.startup as cli
     from ft_dist.config import validate
 
     GlobalHydra.instance().clear()

@@ -252,7 +252,7 @@ def test_a_user_file_gets_real_data_defaults_not_the_demos(tmp_path, cache_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     s = json.loads((tmp_path / "r" / "report.json").read_text())["stats"]
     assert s["duplicates"] == 5 and s["test"] == 3 and s["train"] == 27 and s["train_test_overlap"] == 0
-    from ft_dist.cli import compose_checked
+    from ft_dist.commands.startup import compose_checked
     from ft_dist.config import validate
 
     cfg = compose_checked("train", [f"data.path={path}"], validate)  # what ft-train, ft-launch and ft-slurm compose
@@ -346,13 +346,11 @@ def test_preparing_rank_builds_once_others_wait(tmp_path, scope, local_ranks, bu
 def report_cfg(tmp_path, cache_dir, *overrides):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
 
-    import ft_dist.cli as cli
-    from ft_dist.data.schema import register, validate_data_run
+    import ft_dist.commands.startup as cli  # registers the commands' schemas
+    from ft_dist.commands.schema import validate_data_run
 
-    register(ConfigStore.instance())  # ft_dist/config.py registers it too; storing twice is harmless
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name="data", overrides=[f"model.tokenizer={NEOX_TOKENIZER}", f"data.cache_dir={cache_dir}",
@@ -362,7 +360,7 @@ def report_cfg(tmp_path, cache_dir, *overrides):
 
 
 def test_report_counts_histogram_and_flags(tmp_path, cache_dir):
-    from ft_dist.data.report import run
+    from ft_dist.eval.data_report import run
 
     rows = [{"question": f"What does setting {i} do?", "answer": f"Setting {i} changes the batch size used."} for i in range(40)]
     rows[3]["answer"] = "time and money and time and money and time and money"

@@ -99,7 +99,7 @@ def test_error_reports_count_what_the_jsonl_lists(compared, demo_run):
 
 
 def test_model_names_and_one_line_config_errors(demo_run, cache_dir):
-    from ft_dist.eval.run import models_to_evaluate
+    from ft_dist.commands.eval import models_to_evaluate
 
     cfg = compose(["mode=compare", f"checkpoints=[base,{demo_run},{demo_run / 'final'}]"], name="eval")
     final = str(demo_run / "final")

@@ -136,7 +136,7 @@ def test_merged_lora_logits_equal_adapter_logits(model, tmp_path, cache_dir):
 
 
 def test_pythia_from_config_with_real_neox_tokenizer_on_lamini(tmp_path, cache_dir):
-    from ft_dist.train import run
+    from ft_dist.commands.train import run
 
     cfg = compose([*TINY_NEOX, "data=lamini", f"data.path={LAMINI}", f"data.cache_dir={cache_dir}", "data.max_seq_len=128",
                    "data.limit=400", "data.test_size=40", "train.max_steps=30", "train.lr=2e-3", "train.micro_batch_size=8",

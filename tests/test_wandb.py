@@ -2,7 +2,7 @@
 
 Only global rank 0 talks to W&B, so a 2-process run makes exactly one run; W&B being absent never stops training;
 a W&B sweep's agent runs in the launching process and starts 2-process trials. There is no W&B server here and no
-stand-in speaking its protocol on PyPI, so the agent is the offline one (ft_dist/launch/wandb_sweep.py): the search
+stand-in speaking its protocol on PyPI, so the agent is the offline one (ft_dist/cluster/wandb_sweep.py): the search
 is done locally, while each trial's command, environment and parameter file are built as wandb's agent builds them.
 """
 
@@ -82,7 +82,7 @@ def test_training_finishes_when_wandb_is_absent(cache_dir, tmp_path):
 
 
 def test_sweep_yaml_from_hydra_sweep_spec():
-    from ft_dist.launch.wandb_sweep import sweep_config, suggestions
+    from ft_dist.cluster.wandb_sweep import sweep_config, suggestions
 
     grid = sweep_config(["train.lr=1e-4,3e-4", "peft.r=choice(4,8)", "model=tiny"], nproc_per_node=2)
     assert grid["parameters"] == {"train.lr": {"values": [1e-4, 3e-4]}, "peft.r": {"values": [4, 8]}}

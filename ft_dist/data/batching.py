@@ -94,3 +94,7 @@ def count_real_tokens(batch: Dict[str, torch.Tensor]) -> int:
     index = torch.arange(pos.shape[1], device=pos.device).expand_as(pos)
     last_real = torch.where(pos != 0, index, torch.full_like(index, -1)).max(dim=1).values
     return int((last_real + 1).sum())
+
+
+def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

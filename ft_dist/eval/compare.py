@@ -185,3 +185,15 @@ def format_comparison(result: Mapping[str, Any]) -> str:
         rows = [{"model": m, **result["win_rates"][m], "elo": result["elo"][m]} for m in result["models"]]
         text += "\nPairwise preferences:\n\n" + format_table(rows)
     return text
+
+
+def before_after_table(before: Optional[Dict[str, Any]], after: Dict[str, Any]) -> str:
+    """A small before/after table of the task metrics and eval loss."""
+    keys = [k for k in after if isinstance(after[k], float)]
+    lines = [f"{'metric':<20}{'before':>12}{'after':>12}{'delta':>12}"]
+    for k in keys:
+        b = before.get(k) if before else None
+        delta = f"{after[k] - b:+12.4f}" if isinstance(b, float) else f"{'':>12}"
+        shown = f"{b:12.4f}" if isinstance(b, float) else f"{'-':>12}"
+        lines.append(f"{k:<20}{shown}{after[k]:12.4f}{delta}")
+    return "\n".join(lines)

@@ -21,7 +21,7 @@ from ft_dist.data.prepare import PreparedData
 from ft_dist.eval.error_analysis import build_vocabulary, error_report
 from ft_dist.eval.generation import task_metrics
 from ft_dist.eval.harness import TaskDataUnreachable, run_harness
-from ft_dist.loop import evaluate_loss
+from ft_dist.eval.loss import evaluate_loss
 from ft_dist.models import ModelSpec
 from ft_dist.strategies.single import SingleDevice
 

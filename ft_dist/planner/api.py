@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
 from ft_dist.planner.catalog import Catalog, load_catalog
-from ft_dist.planner.memory import GpuOverhead, MemoryBreakdown, estimate_memory
+from ft_dist.planner.memory import GpuOverhead, estimate_memory
 from ft_dist.planner.params import Architecture, architecture
 from ft_dist.planner.recommend import Candidate, NaiveRow, SearchSpace, naive_table, recommend
 from ft_dist.planner.workload import TrainingSetup

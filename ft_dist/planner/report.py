@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import List, Optional
 
+from ft_dist.cluster.command_line import Rendezvous, shell_line, training_command
 from ft_dist.planner.api import Plan
 from ft_dist.planner.memory import GIB
 from ft_dist.planner.recommend import Candidate
@@ -64,8 +64,9 @@ def train_overrides(plan: Plan, c: Candidate, precision: str, peft: str) -> List
 
 
 def launch_command(c: Candidate, overrides: List[str]) -> str:
-    return (f"torchrun --nnodes {c.nodes} --nproc_per_node {c.gpus_per_node} --rdzv_backend c10d "
-            f"--rdzv_endpoint $MASTER_ADDR:29500 launch/train.py " + " ".join(shlex.quote(o) for o in overrides))
+    """What ft-launch prints for this layout: the same line on every node, MASTER_ADDR set to the first one."""
+    elastic = "ft-dist" if c.nodes > 1 else None
+    return shell_line(training_command(c.nodes, c.gpus_per_node, overrides, Rendezvous("$MASTER_ADDR", "29500", elastic)))
 
 
 def write_plan_files(plan: Plan, out_dir: Path, precision: str, peft: str) -> Optional[Path]:

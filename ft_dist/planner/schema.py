@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
-
-from hydra.core.config_store import ConfigStore
-
-from ft_dist.config import ModelConfig
-from ft_dist.errors import ConfigError
+from typing import Dict, List, Optional
 
 
 @dataclass
@@ -62,17 +57,7 @@ class PlanConfig:
     """Another catalog file with the layout of ft_dist/planner/catalog.yaml."""
 
 
-@dataclass
-class PlanRunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    plan: PlanConfig = field(default_factory=PlanConfig)
-
-
-def register(cs: ConfigStore) -> None:
-    cs.store(name="plan_schema", node=PlanRunConfig)
-
-
-_CHOICES = {
+PLAN_CHOICES = {
     "strategy": ("single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"),
     "peft": ("none", "lora", "qlora"),
     "precision": ("fp32", "fp16", "bf16", "pure_bf16"),
@@ -80,29 +65,3 @@ _CHOICES = {
     "attention": ("sdpa", "flash_attention_2", "eager"),
     "format": ("table", "json"),
 }
-
-
-def validate_plan(cfg: Any) -> None:
-    """Value checks beyond types; raise ConfigError naming the key. Cheap: runs before any heavy import."""
-    plan = cfg.plan
-    for key, choices in _CHOICES.items():
-        value = getattr(plan, key)
-        if value is not None and value not in choices:
-            raise ConfigError(f"plan.{key}", f"expected one of {', '.join(choices)}, got {value!r}")
-    if not plan.tokens > 0:
-        raise ConfigError("plan.tokens", f"expected the dataset's token count (> 0), got {plan.tokens}")
-    for key in ("epochs", "seq_len", "lora_rank", "global_batch", "top"):
-        if not getattr(plan, key) > 0:
-            raise ConfigError(f"plan.{key}", f"expected a value > 0, got {getattr(plan, key)}")
-    for key in ("nodes", "micro_batch", "deadline_hours", "budget_usd"):
-        value = getattr(plan, key)
-        if value is not None and not value > 0:
-            raise ConfigError(f"plan.{key}", f"expected a value > 0 or null, got {value}")
-    if not 0 <= plan.headroom < 1:
-        raise ConfigError("plan.headroom", f"expected a share in [0, 1), got {plan.headroom}")
-    if "model_type" not in cfg.model.arch:
-        raise ConfigError("model.arch.model_type", "the planner builds from `arch`; this model config has none")
-    if plan.instance is not None:
-        from ft_dist.planner.catalog import instance, load_catalog
-
-        instance(plan.instance, load_catalog(plan.catalog))

@@ -8,99 +8,23 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ft_dist import EXIT_REQUEUE, dist
-from ft_dist.checkpoint import atomic_write_text, config_yaml, save_final_model
+from ft_dist.checkpoint import atomic_write_text, check_resumable, config_fingerprint, config_yaml, save_final_model
 from ft_dist.data.prepare import prepare_dataset
+from ft_dist.eval.compare import before_after_table
 from ft_dist.eval.generation import task_metrics
 from ft_dist.loop import train_loop
 from ft_dist.models import ModelSpec, count_parameters, load_tokenizer
 from ft_dist.optim import build_optimizer
 from ft_dist.phase_memory import PhaseMemory, format_phase_table
+from ft_dist.runtime import resolve_output_dir, seed_everything
 from ft_dist.strategies import build_strategy
 from ft_dist.tracking import Tracker, scrub_secrets
 from ft_dist.watchdog import Watchdog
-
-
-def resolve_output_dir(cfg: DictConfig) -> Path:
-    """The run dir: rank 0's choice on every rank (the default name embeds a timestamp each rank computes)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    out = cfg.output_dir
-    try:
-        hc = HydraConfig.get()
-        if hc.mode is not None and hc.mode.name == "MULTIRUN":
-            out = hc.runtime.output_dir
-    except ValueError:  # not under Hydra (tests call run() directly)
-        pass
-    return Path(dist.broadcast_object(str(out))).resolve()
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def format_comparison(before: Optional[Dict[str, Any]], after: Dict[str, Any]) -> str:
-    """A small before/after table of the task metrics and eval loss."""
-    keys = [k for k in after if isinstance(after[k], float)]
-    lines = [f"{'metric':<20}{'before':>12}{'after':>12}{'delta':>12}"]
-    for k in keys:
-        b = before.get(k) if before else None
-        delta = f"{after[k] - b:+12.4f}" if isinstance(b, float) else f"{'':>12}"
-        shown = f"{b:12.4f}" if isinstance(b, float) else f"{'-':>12}"
-        lines.append(f"{k:<20}{shown}{after[k]:12.4f}{delta}")
-    return "\n".join(lines)
-
-
-# Settings that may change between a checkpoint and its resume: batch layout (checked separately), cadence of
-# logging/eval/saving, and where things run. Everything else must match, or the resumed run is a different run.
-_RESUMABLE_CHANGES = {"micro_batch_size", "grad_accum", "resume", "resume_ignore_config", "save_every", "save_minutes",
-                      "keep_checkpoints", "max_shard_gb", "log_every", "eval_every", "eval_batches", "num_workers", "nonfinite_limit",
-                      "hang_timeout_s", "heartbeat_s"}
-
-
-def config_fingerprint(cfg: DictConfig) -> Dict[str, Any]:
-    """The flattened settings a checkpoint must agree with to be resumed exactly."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    flat: Dict[str, Any] = {}
-    for group in ("model", "data", "peft", "train"):
-        for key, value in container[group].items():
-            if (group == "train" and key in _RESUMABLE_CHANGES) or (group == "data" and key == "cache_dir"):
-                continue
-            flat[f"{group}.{key}"] = value
-    return flat
-
-
-def check_resumable(cfg: DictConfig, path: Path, world: dist.World) -> None:
-    """Refuse, in one line naming what differs and what to pass, a checkpoint this run cannot continue exactly."""
-    from ft_dist.checkpoint import read_meta
-    from ft_dist.errors import ConfigError
-
-    meta = read_meta(path)
-    now, then = config_fingerprint(cfg), meta.get("config", {})
-    diffs = [f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(now) | set(then))
-             if now.get(k) != then.get(k)]
-    if diffs and not cfg.train.resume_ignore_config:
-        raise ConfigError("train.resume", f"checkpoint {path} was written with a different config ({'; '.join(diffs)}); "
-                          "pass train.resume_ignore_config=true to resume anyway, or a new output_dir to start fresh")
-    tc = cfg.train
-    global_batch = tc.micro_batch_size * tc.grad_accum * world.size
-    if meta["global_batch"] != global_batch:
-        per_rank = meta["global_batch"] / (tc.micro_batch_size * world.size)
-        hint = f"set train.grad_accum={int(per_rank)}" if per_rank.is_integer() else "choose micro_batch_size x grad_accum x world to match"
-        raise ConfigError("train.grad_accum", f"checkpoint {path} used global batch {meta['global_batch']} (micro "
-                          f"{meta['micro_batch_size']} x accum {meta['grad_accum']} x world {meta['world_size']}), this run "
-                          f"{global_batch}: {hint} so the data position maps exactly")
 
 
 def _digesting(units: Any, out_dir: Path, rank: int) -> Any:
@@ -224,6 +148,6 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
         tracker.summary({f"final/{k}": v for k, v in after_scores.items() if isinstance(v, float)})
     dist.log(format_phase_table(records))
     tracker.close()
-    dist.log("\n" + format_comparison(report.get("before"), after_scores))
+    dist.log("\n" + before_after_table(report.get("before"), after_scores))
     dist.log(f"\nfinetuned model: {final}\nmetrics: {out_dir / 'metrics.jsonl'}")
     return 0

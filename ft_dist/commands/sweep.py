@@ -1,6 +1,6 @@
 """`python launch/sweep.py -m [--nproc-per-node P] <sweep overrides> [hydra/launcher=local|slurm]`.
 
-A Hydra multirun of ft-train where each member is a multi-process job (see ft_dist.launch.sweep). Exits 1 when any
+A Hydra multirun of ft-train where each member is a multi-process job (see ft_dist.cluster.sweep). Exits 1 when any
 member failed, after the summary table is written.
 """
 
@@ -11,7 +11,10 @@ import os
 import sys
 from typing import List, Optional
 
-CALLBACK = "+hydra.callbacks.ft_dist_summary._target_=ft_dist.launch.sweep.SummaryCallback"
+from ft_dist.cluster.sweep import NPROC_ENV, SummaryCallback
+from ft_dist.commands.startup import entry
+
+CALLBACK = "+hydra.callbacks.ft_dist_summary._target_=ft_dist.cluster.sweep.SummaryCallback"
 
 
 def _take_option(argv: List[str], name: str) -> Optional[str]:
@@ -28,9 +31,6 @@ def _take_option(argv: List[str], name: str) -> Optional[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    from ft_dist.cli import _entry
-    from ft_dist.launch.sweep import NPROC_ENV, SummaryCallback
-
     args = list(sys.argv[1:] if argv is None else argv)
     nproc = _take_option(args, "--nproc-per-node")
     if nproc is not None:
@@ -38,7 +38,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not any(a in ("-m", "--multirun") for a in args):
         args.insert(0, "-m")
     sys.argv = [sys.argv[0], *args, CALLBACK]
-    _entry("train", "ft_dist.launch.sweep:run_member")()
+    entry("train", "ft_dist.cluster.sweep:run_member")()
     summary = SummaryCallback.last_summary
     if summary is None:
         sys.exit(1)

@@ -6,7 +6,7 @@ needs an address every node can connect to, so we take the node's NodeAddr from 
 IPv4 address, falling back to the name only when it resolves. The batch shell runs on the first node, so the port
 it finds free there is the one torchrun on that node will bind.
 
-    python -m ft_dist.launch.rendezvous        # prints "ADDR PORT" inside an allocation
+    python -m ft_dist.cluster.rendezvous        # prints "ADDR PORT" inside an allocation
 """
 
 from __future__ import annotations

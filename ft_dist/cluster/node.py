@@ -8,15 +8,15 @@
    with a traceback, whatever they did. Here both are passed on to the worker processes (which checkpoint at the
    next step boundary and exit 85) while torchrun keeps supervising them. SIGINT (Ctrl-C) stays torchrun's.
 
-    python -m ft_dist.launch.node <torchrun arguments> launch/train.py k=v ...
+The command is ft_dist/commands/node.py:
+
+    python -m ft_dist.commands.node <torchrun arguments> launch/train.py k=v ...
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List
 
 import psutil
 
@@ -39,7 +39,7 @@ def forward_preemption_signals(targets: Callable[[], Iterable[psutil.Process]]) 
         signal.signal(sig, forward)
 
 
-def _children() -> List[psutil.Process]:
+def children() -> List[psutil.Process]:
     return psutil.Process().children(recursive=False)
 
 
@@ -52,29 +52,3 @@ def node_exit_code(exit_codes: List[int]) -> int:
     if exit_codes and all(c == EXIT_REQUEUE for c in exit_codes):
         return EXIT_REQUEUE
     return next((c for c in exit_codes if c > 0), 1)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    forward_preemption_signals(_children)  # the worker processes torchrun starts
-    args = get_args_parser().parse_args(argv if argv is not None else sys.argv[1:])
-    # torchrun would otherwise take SIGTERM back (it installs its handlers when it starts the workers).
-    args.signals_to_handle = ",".join(s for s in args.signals_to_handle.split(",") if s.strip() != "SIGTERM")
-    try:
-        run(args)
-    except ChildFailedError as err:
-        codes = [failure.exitcode for _, failure in sorted(err.failures.items())]
-        code = node_exit_code(codes)
-        node = os.environ.get("SLURM_NODEID", "0")
-        if code == EXIT_REQUEUE:
-            print(f"[ft-dist node {node}] workers checkpointed and exited {code}: requeue", file=sys.stderr, flush=True)
-        else:
-            print(f"[ft-dist node {node}] workers exited with {codes}; node exits {code}", file=sys.stderr, flush=True)
-        return code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

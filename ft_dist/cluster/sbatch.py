@@ -1,7 +1,7 @@
 """Write the sbatch script for one training run on N nodes x G processes, from a cluster config.
 
-The script (one srun task per node, each running torchrun through `ft_dist.launch.node`):
-- rendezvous: c10d on the first node's resolved IP and a port free there (`ft_dist.launch.rendezvous`), id = job id
+The script (one srun task per node, each running torchrun through `ft_dist.commands.node`):
+- rendezvous: c10d on the first node's resolved IP and a port free there (`ft_dist.cluster.rendezvous`), id = job id
   + restart count, so a requeued job never meets a stale rendezvous;
 - preemption: `--signal=B:USR1@<s>` reaches the batch shell, which forwards USR1 (and TERM) to srun; srun passes it
   to each node's launcher, which passes it to the workers; they checkpoint and exit 85;
@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ft_dist import EXIT_HANG, EXIT_REQUEUE
-from ft_dist.launch import REPO_ROOT, job_overrides
+from ft_dist.cluster import job_overrides
+from ft_dist.cluster.command_line import Rendezvous, shell_line, training_command
+from ft_dist.runtime import REPO_ROOT
 
 
 
@@ -54,7 +56,7 @@ __SETUP__
 __ENV__
 RUN_DIR=__RUN_DIR__
 RESTART="${SLURM_RESTART_COUNT:-0}"
-read -r HEAD_ADDR HEAD_PORT < <(__PYTHON__ -m ft_dist.launch.rendezvous) || { echo "[ft-dist] no rendezvous address"; exit 1; }
+read -r HEAD_ADDR HEAD_PORT < <(__PYTHON__ -m ft_dist.cluster.rendezvous) || { echo "[ft-dist] no rendezvous address"; exit 1; }
 echo "[ft-dist] $(date '+%F %T') job $SLURM_JOB_ID restart $RESTART on $SLURM_JOB_NODELIST; rendezvous $HEAD_ADDR:$HEAD_PORT"
 
 # USR1 is the time-limit warning (--signal=B:USR1@N): checkpoint, then requeue. TERM is scancel (or the allocation
@@ -69,11 +71,7 @@ trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
 srun --ntasks-per-node=1 --kill-on-bad-exit=0 \
-  __PYTHON__ -m ft_dist.launch.node \
-    --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node __NPROC__ \
-    --rdzv_backend c10d --rdzv_endpoint "$HEAD_ADDR:$HEAD_PORT" --rdzv_id "$SLURM_JOB_ID-$RESTART" \
-    --max_restarts 0 \
-    launch/train.py __OVERRIDES__ &
+  __TRAINING__ &
 srun_pid=$!
 while :; do
   wait "$srun_pid"; rc=$?
@@ -109,8 +107,9 @@ def render(cluster: Any, overrides: Sequence[str], run_dir: Path, job_name: str 
             .replace("__ENV__", "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in env.items()))
             .replace("__RUN_DIR__", shlex.quote(str(run_dir)))
             .replace("__PYTHON__", shlex.quote(python or sys.executable))
-            .replace("__NPROC__", str(cluster.gpus_per_node))
-            .replace("__OVERRIDES__", " ".join(shlex.quote(o) for o in final))
+            .replace("__TRAINING__", shell_line(training_command(
+                "$SLURM_JOB_NUM_NODES", cluster.gpus_per_node, final,
+                Rendezvous("$HEAD_ADDR", "$HEAD_PORT", "$SLURM_JOB_ID-$RESTART"), python=python or sys.executable)))
             .replace("__EXIT_REQUEUE__", str(EXIT_REQUEUE)).replace("__EXIT_HANG__", str(EXIT_HANG))
             .replace("__MAX_REQUEUES__", str(cluster.max_requeues)))
     header = ["#!/bin/bash", f"# ft-dist: {cluster.name}, {cluster.nodes} node(s) x {cluster.gpus_per_node} "

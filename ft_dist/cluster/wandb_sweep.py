@@ -1,7 +1,7 @@
 """W&B sweeps whose trials are multi-process jobs, without any rank ever creating a sweep (wandb issue 7811).
 
 The one launching process owns the sweep and the agent; each trial is the command in the sweep YAML, which starts
-torchrun (through `ft_dist.launch.node`) with the suggested values as Hydra overrides. W&B's agent protocol hands a
+torchrun (through `ft_dist.commands.node`) with the suggested values as Hydra overrides. W&B's agent protocol hands a
 trial its identity in the environment (WANDB_SWEEP_ID, WANDB_RUN_ID, WANDB_SWEEP_PARAM_PATH); every rank inherits
 it, but only global rank 0 calls `wandb.init` (ft_dist.tracking), which joins that run. So a sweep of 8-GPU jobs
 needs one agent, not one per GPU.
@@ -29,7 +29,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import yaml
 
-from ft_dist.launch import REPO_ROOT, TRAIN_SCRIPT, job_overrides
+from ft_dist.cluster import job_overrides
+from ft_dist.cluster.command_line import Rendezvous, training_command
+from ft_dist.runtime import REPO_ROOT, TRAIN_SCRIPT
 
 
 
@@ -63,13 +65,12 @@ def sweep_config(overrides: Sequence[str], nproc_per_node: int = 1, method: str 
         raise ValueError("no sweep override (e.g. train.lr=1e-4,3e-4 or train.lr=interval(1e-5,1e-3))")
     if method == "grid" and any("values" not in p for p in parameters.values()):
         raise ValueError("grid search needs discrete values; use --method random for interval(...)")
-    torchrun = ["--standalone", "--nproc_per_node", str(nproc_per_node), "--max_restarts", "0"]
     fixed = job_overrides(fixed, nproc_per_node)
     if not any(f.startswith("logger=") for f in fixed):
         fixed.append("logger=wandb")
     runs = Path(runs_dir).resolve()
-    command = ["${env}", sys.executable, "-m", "ft_dist.launch.node", *torchrun, TRAIN_SCRIPT, *fixed,
-               f"output_dir={runs}/" + "${oc.env:WANDB_RUN_ID}", "${args_no_hyphens}"]
+    trial = [*fixed, f"output_dir={runs}/" + "${oc.env:WANDB_RUN_ID}", "${args_no_hyphens}"]
+    command = ["${env}", *training_command(1, nproc_per_node, trial, Rendezvous(), python=sys.executable)]
     config: Dict[str, Any] = {"program": TRAIN_SCRIPT, "method": method,
                               "metric": {"name": metric, "goal": goal}, "parameters": parameters, "command": command}
     if name:

@@ -18,8 +18,6 @@ def run(cfg: DictConfig) -> int:
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
     if run_dir is None or not (run_dir / "config.yaml").exists():
         raise ConfigError("checkpoint", f"expected <run dir>/checkpoints/step-N with the run's config.yaml, got {str(checkpoint)!r}")
-    from ft_dist import cli  # noqa: F401  (registers the resolvers the saved config may still name)
-
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
     memory = PhaseMemory(torch.device("cpu"))
     with memory.phase("export"):

@@ -1,7 +1,7 @@
 """Hydra multirun members as multi-process training jobs, and the sweep's summary table.
 
 `python launch/sweep.py -m [--nproc-per-node P] train.lr=1e-3,3e-3 [hydra/launcher=slurm]`: Hydra expands the sweep;
-each member runs `run_member`, which starts torchrun (through `ft_dist.launch.node`) with the member's overrides and
+each member runs `run_member`, which starts torchrun (through `ft_dist.commands.node`) with the member's overrides and
 its own output_dir. With the basic launcher the members run one after another on this machine (`--standalone`);
 with the submitit launcher each member is a Slurm job whose one task per node starts torchrun with c10d rendezvous
 on the first node. When the multirun ends, `SummaryCallback` gathers every member's resolved config and final
@@ -16,11 +16,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
-from ft_dist.launch import REPO_ROOT, TRAIN_SCRIPT, job_overrides
+from ft_dist.cluster import job_overrides
+from ft_dist.cluster.command_line import Rendezvous, training_command
+from ft_dist.cluster.rendezvous import head_address
+from ft_dist.runtime import REPO_ROOT, TRAIN_SCRIPT
 
 NPROC_ENV = "FT_DIST_NPROC_PER_NODE"
 """Processes per node for each member; set by launch/sweep.py's --nproc-per-node, inherited by Slurm jobs."""
@@ -36,21 +39,15 @@ def member_overrides(task_overrides: List[str], run_dir: Path, world_size: int, 
     return out
 
 
-def _layout() -> Dict[str, Any]:
-    """This member's process layout: a Slurm job's nodes (one task each) or one standalone node."""
+def _layout() -> Tuple[int, int, Rendezvous]:
+    """This member's (nodes, processes per node, rendezvous): a Slurm job's nodes (one task each) or one node."""
     nproc = int(os.environ.get(NPROC_ENV, "1"))
-    if "SLURM_JOB_ID" in os.environ and "SLURM_JOB_NUM_NODES" in os.environ:
-        nnodes = int(os.environ["SLURM_JOB_NUM_NODES"])
-        node_rank = int(os.environ.get("SLURM_NODEID", "0"))
-        if nnodes > 1:
-            from ft_dist.launch.rendezvous import head_address
-
-            # Every node must pick the same port without talking to the others: derive it from the job id.
-            port = 20000 + int(os.environ["SLURM_JOB_ID"]) % 20000
-            rdzv = ["--nnodes", str(nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint",
-                    f"{head_address()}:{port}", "--rdzv_id", f"sweep-{os.environ['SLURM_JOB_ID']}"]
-            return {"nnodes": nnodes, "nproc": nproc, "node_rank": node_rank, "torchrun": rdzv}
-    return {"nnodes": 1, "nproc": nproc, "node_rank": 0, "torchrun": ["--standalone"]}
+    if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_JOB_NUM_NODES", "1")) > 1:
+        # Every node must pick the same port without talking to the others: derive it from the job id.
+        port = 20000 + int(os.environ["SLURM_JOB_ID"]) % 20000
+        rendezvous = Rendezvous(head_address(), str(port), f"sweep-{os.environ['SLURM_JOB_ID']}")
+        return int(os.environ["SLURM_JOB_NUM_NODES"]), nproc, rendezvous
+    return 1, nproc, Rendezvous()
 
 
 def run_member(cfg: DictConfig) -> int:
@@ -60,22 +57,21 @@ def run_member(cfg: DictConfig) -> int:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir).resolve()
     sweep_dir = Path(hc.sweep.dir).resolve()
-    layout = _layout()
-    world_size = layout["nnodes"] * layout["nproc"]
+    nnodes, nproc, rendezvous = _layout()
+    node_rank, world_size = int(os.environ.get("SLURM_NODEID", "0")) if nnodes > 1 else 0, nnodes * nproc
     overrides = member_overrides(list(hc.overrides.task), run_dir, world_size, cfg, sweep_dir.name)
-    cmd = [sys.executable, "-m", "ft_dist.launch.node", *layout["torchrun"], "--nproc_per_node", str(layout["nproc"]),
-           "--max_restarts", "0", str(REPO_ROOT / TRAIN_SCRIPT), *overrides]
+    cmd = training_command(nnodes, nproc, overrides, rendezvous, python=sys.executable, script=str(REPO_ROOT / TRAIN_SCRIPT))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # submitit sets these for its own tasks; torchrun must set them for the workers
     start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / f"member.node{layout['node_rank']}.log").open("a") as log:
+    with (run_dir / f"member.node{node_rank}.log").open("a") as log:
         code = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if layout["node_rank"] == 0:
+    if node_rank == 0:
         record = {"member": hc.job.num, "overrides": list(hc.overrides.task), "exit_code": code,
                   "status": "ok" if code == 0 else "failed", "seconds": round(time.time() - start, 1),
-                  "nodes": layout["nnodes"], "world_size": world_size, "run_dir": str(run_dir),
+                  "nodes": nnodes, "world_size": world_size, "run_dir": str(run_dir),
                   "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         (run_dir / "member.json").write_text(json.dumps(record, indent=2))
     return 0  # a failed member is recorded, not raised: the other members still run and the summary shows it

@@ -1,4 +1,5 @@
-"""Hydra entry points shared by the console scripts (`ft-train`, ...) and `launch/*.py`.
+"""How a command starts: Hydra composition, the pre-flight check, the run dir's remembered config, and errors as
+one line. The commands themselves are listed in ft_dist/commands/__init__.py.
 
 Each command composes `conf/<name>.yaml` with the command-line overrides, validates it, and only then imports the
 heavy libraries. Hydra reports composition errors over several lines with a hint about HYDRA_FULL_ERROR; we compose
@@ -9,9 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -19,12 +18,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ft_dist.config import register_configs, validate
+from ft_dist.commands.schema import register_configs
+from ft_dist.config import validate
 from ft_dist.errors import UserError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
-ASSET_DIR = Path(__file__).resolve().parent / "assets"
+from ft_dist.runtime import ASSET_DIR, CONF_DIR, REPO_ROOT, exit_with_error
 
 
 def _register_resolvers() -> None:
@@ -36,16 +33,6 @@ def _register_resolvers() -> None:
 
 register_configs()
 _register_resolvers()
-
-
-def _fail(message: str, code: int = 2) -> None:
-    # Every rank meets the same user error; one copy of the message is enough. The other ranks wait a moment
-    # before exiting: torchrun ends every rank as soon as one exits, which could be before rank 0 has printed.
-    if os.environ.get("RANK", "0") == "0":
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    else:
-        time.sleep(3)
-    sys.exit(code)
 
 
 def _known_keys(config_name: str) -> List[str]:
@@ -66,7 +53,7 @@ def _known_keys(config_name: str) -> List[str]:
     return keys
 
 
-def _describe_composition_error(config_name: str, ex: BaseException) -> str:
+def describe_composition_error(config_name: str, ex: BaseException) -> str:
     """Turn Hydra/OmegaConf composition errors into one line naming the key and what was expected."""
     cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else ex
     key = getattr(cause, "full_key", None)
@@ -162,7 +149,7 @@ def compose_checked(config_name: str, overrides: List[str], check: Callable[[Any
     except UserError:
         raise
     except Exception as ex:  # Hydra's and OmegaConf's own error types
-        raise UserError(_describe_composition_error(config_name, ex)) from ex
+        raise UserError(describe_composition_error(config_name, ex)) from ex
     return cfg
 
 
@@ -175,7 +162,7 @@ def _preflight(config_name: str, argv: List[str], check: Callable[[Any], None]) 
         compose_checked(config_name, [a for a in argv if not a.startswith("hydra") or a.startswith("hydra.searchpath=")],
                         check)
     except UserError as err:
-        _fail(str(err))
+        exit_with_error(str(err))
 
 
 def _run(task: Callable[[DictConfig], Optional[int]], cfg: DictConfig, check: Callable[[Any], None]) -> None:
@@ -183,9 +170,9 @@ def _run(task: Callable[[DictConfig], Optional[int]], cfg: DictConfig, check: Ca
         check(cfg)
         code = task(cfg)
     except UserError as err:
-        _fail(str(err), err.exit_code)
+        exit_with_error(str(err), err.exit_code)
     except OmegaConfBaseException as ex:
-        _fail(f"config error: {getattr(ex, 'full_key', '')}: {str(ex).splitlines()[0]}")
+        exit_with_error(f"config error: {getattr(ex, 'full_key', '')}: {str(ex).splitlines()[0]}")
     if code:
         sys.exit(code)
 
@@ -195,7 +182,7 @@ def _import(path: str) -> Any:
     return getattr(__import__(module_name, fromlist=[attr]), attr)
 
 
-def _entry(config_name: str, task_path: str, check: Callable[[Any], None] = validate,
+def entry(config_name: str, task_path: str, check: Callable[[Any], None] = validate,
            verbs: Optional[Dict[str, str]] = None) -> Callable[[], None]:
     """A console-script main: compose conf/<config_name>.yaml, check it, then run `module:function` on it.
 
@@ -215,7 +202,7 @@ def _entry(config_name: str, task_path: str, check: Callable[[Any], None] = vali
             try:
                 argv = with_run_config(argv, key)
             except UserError as err:
-                _fail(str(err))
+                exit_with_error(str(err))
         sys.argv = [sys.argv[0], *with_user_data(argv)]
         _preflight(config_name, sys.argv[1:], check)
 
@@ -226,15 +213,3 @@ def _entry(config_name: str, task_path: str, check: Callable[[Any], None] = vali
         hydra_main()
 
     return main
-
-
-# Torch threads: torchrun sets OMP_NUM_THREADS=1 for each process; a single process keeps the library default.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-train = _entry("train", "ft_dist.train:run", _import("ft_dist.config:validate_launched"))
-evaluate = _entry("eval", "ft_dist.eval.run:run", _import("ft_dist.eval.schema:validate_eval_run"), verbs={"compare": "mode=compare", "mc": "mode=mc"})
-generate = _entry("generate", "ft_dist.eval.run:generate")
-data = _entry("data", "ft_dist.data.report:run", _import("ft_dist.data.schema:validate_data_run"),
-              verbs={"report": "action=report", "show": "action=show"})
-export = _entry("export", "ft_dist.export:run", check=lambda cfg: None)
-plan = _entry("plan", "ft_dist.planner.run:run", _import("ft_dist.planner.schema:validate_plan"))

@@ -1,4 +1,4 @@
-"""`ft-data report data=...`: prepare a dataset exactly as training would, and report on its quality.
+"""The quality report of a prepared dataset (`ft-data report|show`; the command is ft_dist/commands/data.py).
 
 The report covers counts (records, skipped lines, empty fields, duplicates, train/test, per source), the token-
 length distribution (a text table and a PNG histogram), truncation and drops, the share of loss tokens, packing
@@ -9,14 +9,13 @@ loops and overly long answers, found by the detectors of ft_dist.eval.error_anal
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import numpy as np
 
-from ft_dist import dist
-from ft_dist.data.prepare import PreparedData, prepare_dataset
+from ft_dist.data.prepare import PreparedData
+from ft_dist.eval.error_analysis import Thresholds, find_repetition, find_too_long, words
 
 
 def _responses(prepared: PreparedData) -> Iterator[Dict[str, Any]]:
@@ -32,8 +31,6 @@ def _responses(prepared: PreparedData) -> Iterator[Dict[str, Any]]:
 
 def flag_responses(prepared: PreparedData, long_ratio: float) -> Dict[str, Any]:
     """Responses that loop (find_repetition) or run far past the typical length (find_too_long vs the median)."""
-    from ft_dist.eval.error_analysis import Thresholds, find_repetition, find_too_long, words
-
     word_counts = np.array([len(words(r["response"])) for r in _responses(prepared)])
     median = max(int(np.median(word_counts)), 1) if len(word_counts) else 1
     typical = ["w"] * median  # a median-length stand-in for the reference find_too_long compares against
@@ -134,43 +131,3 @@ def show_text(prepared: PreparedData, tokenizer: Any, n: int) -> str:
         lines += ["", f"--- example {i + 1}: {len(row['input_ids'])} tokens, {trained} with loss",
                   mark_loss_tokens(tokenizer, row["input_ids"], row["labels"])]
     return "\n".join(lines)
-
-
-def run(cfg: Any) -> int:
-    """Entry point of `ft-data` (action=report or show)."""
-    from omegaconf import OmegaConf
-
-    from ft_dist.models import load_tokenizer
-
-    out = Path(cfg.output_dir)
-    tokenizer = load_tokenizer(cfg.model)
-    if cfg.action == "show":  # unpacked, so each row is one example; same records, template and masking
-        text = show_text(prepare_dataset(OmegaConf.merge(cfg.data, {"packing": False}), tokenizer), tokenizer,
-                         cfg.show_examples)
-        if dist.is_main():
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "examples.md").write_text(text + "\n")
-        dist.log(text)
-        return 0
-    # Example-level analysis needs each example's text, which packed rows no longer hold: analyse the unpacked
-    # preparation (same records, split and tokens) and take the packing figures from the packed one.
-    unpacked_cfg = OmegaConf.merge(cfg.data, {"packing": False})
-    prepared = prepare_dataset(unpacked_cfg, tokenizer)
-    if cfg.data.packing:
-        prepared.stats["packing"] = prepare_dataset(cfg.data, tokenizer).stats["packing"]
-    flags = flag_responses(prepared, cfg.long_ratio)
-    flags["long_ratio"] = cfg.long_ratio
-    text = render_text(cfg.data.name, prepared.stats, flags, cfg.max_flagged)
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        plot_lengths(prepared.stats, out / "lengths.png")
-        (out / "report.md").write_text(text + "\n")
-        report = {"stats": prepared.stats, "flag_counts": flags["counts"], "median_response_words": flags["median_response_words"],
-                  "cache": str(prepared.cache_path)}
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-        with (out / "flagged.jsonl").open("w") as fh:
-            for f in flags["flagged"]:
-                fh.write(json.dumps(f) + "\n")
-    dist.log(text)
-    dist.log(f"\nreport: {out / 'report.md'}  histogram: {out / 'lengths.png'}  flagged: {out / 'flagged.jsonl'}")
-    return 0

@@ -1,8 +1,11 @@
-"""Launch-side code: runs in the process that starts jobs, never inside the training loop.
+"""Launch-side code: runs in the process that starts jobs, never inside the training loop. The commands that use
+it (ft-launch, ft-launch slurm, ft-sweep, the per-node wrapper) are in ft_dist/commands/.
+
+- `command_line`: the one builder of the torchrun/deepspeed line that starts the training on a node.
 
 - `schema`: the `cluster` config group (nodes, processes per node, partition, time, env) and `ft-launch`'s config.
 - `rendezvous`: the head node's address and a port, resolved inside a Slurm allocation.
-- `node`: torchrun for one node, keeping the training's exit code (85 = requeue) and forwarding SIGUSR1.
+- `node`: what the per-node torchrun wrapper adds: exit 85 kept, SIGUSR1/SIGTERM forwarded to the workers.
 - `sbatch`: writes the sbatch script for N nodes x G processes from a cluster config and training overrides.
 - `sweep`: Hydra multirun members as multi-process jobs, and the sweep summary table.
 - `wandb_sweep`: a W&B sweep YAML from a Hydra sweep spec, and the agent that starts multi-process trials.
@@ -12,11 +15,7 @@ Nothing here imports torch at module level: these run on login nodes and in batc
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Optional, Sequence
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TRAIN_SCRIPT = "launch/train.py"  # relative to REPO_ROOT: printed commands run from the checkout on every node
 
 
 def job_overrides(overrides: Sequence[str], world_size: int, output_dir: Optional[object] = None) -> List[str]:

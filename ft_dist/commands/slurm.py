@@ -2,7 +2,7 @@
 
     python launch/slurm.py cluster=p4d cluster.nodes=4 job_name=llama7b submit=true -- model=llama-2-7b strategy=fsdp
 
-Arguments before `--` configure the launch (conf/cluster/*.yaml, ft_dist/launch/schema.py); arguments after it are
+Arguments before `--` configure the launch (conf/cluster/*.yaml, ft_dist/cluster/schema.py); arguments after it are
 the training overrides, checked here against the training schema so a typo fails now, not in the queue.
 """
 
@@ -13,9 +13,15 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from ft_dist.launch import REPO_ROOT, sbatch
+from ft_dist.cluster import sbatch
+from ft_dist.commands.startup import compose_checked, describe_composition_error
+from ft_dist.config import validate
+from ft_dist.errors import UserError
+from ft_dist.runtime import CONF_DIR, exit_with_error
 
 
 def split_argv(argv: List[str]) -> Tuple[List[str], List[str]]:
@@ -33,45 +39,29 @@ def exit_with_help_if_asked(argv: List[str], doc: str) -> None:
     """
     if not {"-h", "--help"} & set(split_argv(argv)[0]):
         return
-    clusters = sorted(p.stem for p in (REPO_ROOT / "conf" / "cluster").glob("*.yaml"))
+    clusters = sorted(p.stem for p in (CONF_DIR / "cluster").glob("*.yaml"))
     print(doc.strip())
-    print(f"\nclusters (cluster=...): {', '.join(clusters)}; fields: ft_dist/launch/schema.py")
+    print(f"\nclusters (cluster=...): {', '.join(clusters)}; fields: ft_dist/cluster/schema.py")
     sys.exit(0)
 
 
 def compose_launch(overrides: List[str]) -> DictConfig:
     """The launch config (`slurm_launch` + a `cluster` option) with these overrides."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-
-    import ft_dist.cli as cli
-    from ft_dist.launch.schema import register
-
-    from ft_dist.errors import UserError
-
-    register(ConfigStore.instance())
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name="slurm_launch", overrides=overrides)
     except Exception as ex:  # a wrong cluster name or key: the one line ft-train would print
-        raise UserError(cli._describe_composition_error("slurm_launch", ex)) from ex
+        raise UserError(describe_composition_error("slurm_launch", ex)) from ex
     finally:
         GlobalHydra.instance().clear()
 
 
 def check_train_overrides(overrides: List[str]) -> None:
     """Compose and validate the training config, as `ft-train` would before starting."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    import ft_dist.cli as cli
-    from ft_dist.config import validate
-    from ft_dist.errors import UserError
-
     GlobalHydra.instance().clear()
     try:
-        cli.compose_checked("train", overrides, validate)
+        compose_checked("train", overrides, validate)
     except UserError as err:
         raise UserError("training overrides: " + str(err)) from err
     finally:
@@ -91,15 +81,12 @@ def prepare(argv: List[str]) -> Tuple[DictConfig, Path]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    from ft_dist.errors import UserError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     exit_with_help_if_asked(argv, __doc__ or "")
     try:
         cfg, script = prepare(argv)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        exit_with_error(str(err), err.exit_code)
     print(f"wrote {script}")
     if cfg.submit:
         job = sbatch.submit(script)

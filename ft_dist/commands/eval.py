@@ -29,10 +29,11 @@ from ft_dist.errors import ConfigError
 from ft_dist.eval import compare
 from ft_dist.eval.error_analysis import CATEGORIES, write_report
 from ft_dist.eval.generation import generate as generate_texts
-from ft_dist.eval.schema import BASE, validate_eval_run
+from ft_dist.commands.schema import validate_eval_run
+from ft_dist.eval.schema import BASE
 from ft_dist.eval.suite import ModelResult, evaluate_model, vocabulary_of
 from ft_dist.models import build_model, load_tokenizer
-from ft_dist.train import format_comparison, resolve_output_dir, seed_everything
+from ft_dist.runtime import resolve_output_dir, seed_everything
 
 FINETUNED = "finetuned"
 
@@ -122,7 +123,7 @@ def report(cfg: Any, results: List[ModelResult], vocabulary: Optional[Set[str]],
         by_name = {r.name: r for r in results}
         if FINETUNED in by_name:
             before = by_name[BASE].table_metrics() if BASE in by_name else None
-            dist.log(format_comparison(before, by_name[FINETUNED].table_metrics()))
+            dist.log(compare.before_after_table(before, by_name[FINETUNED].table_metrics()))
         else:
             dist.log(json.dumps(by_name[BASE].summary(), indent=2))
         if any(r.mc for r in results):

@@ -17,8 +17,15 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
-from ft_dist.launch import REPO_ROOT, TRAIN_SCRIPT, job_overrides
-from ft_dist.launch.slurm_cli import check_train_overrides, compose_launch, exit_with_help_if_asked, split_argv
+import psutil
+
+from ft_dist.cluster import job_overrides
+from ft_dist.cluster.command_line import Rendezvous, shell_line, training_command
+from ft_dist.cluster.node import forward_preemption_signals
+from ft_dist.commands import slurm
+from ft_dist.commands.slurm import check_train_overrides, compose_launch, exit_with_help_if_asked, split_argv
+from ft_dist.errors import ConfigError, UserError
+from ft_dist.runtime import REPO_ROOT, TRAIN_SCRIPT, exit_with_error
 
 
 def _option(args: List[str], name: str, default: Optional[str]) -> Optional[str]:
@@ -30,48 +37,19 @@ def _option(args: List[str], name: str, default: Optional[str]) -> Optional[str]
     return default
 
 
-def build_command(cluster: object, overrides: List[str], master_addr: str, port: int, launcher: str,
-                  node_rank: str, max_restarts: int = 0) -> List[str]:
-    """torchrun (or deepspeed) arguments for one node; the same line runs on every node."""
-    nodes, gpus = cluster.nodes, cluster.gpus_per_node
-    if launcher == "deepspeed":
-        cmd = ["deepspeed", "--num_nodes", str(nodes), "--num_gpus", str(gpus), "--master_addr", master_addr,
-               "--master_port", str(port)]
-        if nodes > 1:  # every node starts its own launcher: no ssh/pdsh fan-out from the first node
-            cmd += ["--no_ssh", "--node_rank", node_rank]
-    else:
-        cmd = ["torchrun", "--nnodes", str(nodes), "--nproc_per_node", str(gpus)]
-        if max_restarts:
-            cmd += ["--max-restarts", str(max_restarts)]
-        # c10d is torchrun's elastic rendezvous (each restart is a new round); ft_dist.dist scopes the process
-        # group's store keys per attempt, which restarts need under either rendezvous.
-        if nodes > 1 or max_restarts:
-            cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{master_addr}:{port}", "--rdzv_id", "ft-dist"]
-        else:
-            cmd += ["--master_addr", master_addr, "--master_port", str(port)]
-    return [*cmd, TRAIN_SCRIPT, *job_overrides(overrides, nodes * gpus)]
-
-
 def main(argv: Optional[List[str]] = None) -> None:
-    from ft_dist.errors import UserError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] != ["slurm"]:
         exit_with_help_if_asked(argv, __doc__ or "")
     try:
         _main(argv)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        exit_with_error(str(err), err.exit_code)
 
 
 def _main(argv: List[str]) -> None:
-    from ft_dist.errors import ConfigError
-
     if argv[:1] == ["slurm"]:
-        from ft_dist.launch.slurm_cli import main as slurm_main
-
-        return slurm_main(argv[1:])
+        return slurm.main(argv[1:])
     run = "--run" in argv
     argv = [a for a in argv if a != "--run"]
     launch_args, overrides = split_argv(argv)
@@ -89,20 +67,25 @@ def _main(argv: List[str]) -> None:
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default; deepspeed's launcher sets none (N procs x all cores)
     if max_restarts and launcher != "torchrun":
         raise ConfigError("max_restarts", "restarts in place need launcher=torchrun (deepspeed's launcher has none)")
-    cmd = build_command(cluster, overrides, master_addr, port, launcher, node_rank, max_restarts)
+    nodes, gpus = cluster.nodes, cluster.gpus_per_node
+    # c10d is torchrun's elastic rendezvous (each restart is a new round); ft_dist.dist scopes the process group's
+    # store keys per attempt, which restarts need under either rendezvous.
+    elastic = launcher == "torchrun" and (nodes > 1 or max_restarts)
+    rendezvous = Rendezvous(master_addr, str(port), "ft-dist" if elastic else None)
+    cmd = training_command(nodes, gpus, job_overrides(overrides, nodes * gpus), rendezvous, launcher,
+                           max_restarts=max_restarts, node_rank=node_rank)
     world = cluster.nodes * cluster.gpus_per_node
     where = "on each of the nodes" if cluster.nodes > 1 else "on the node"
     print(f"# {cluster.name}: {cluster.nodes} node(s) x {cluster.gpus_per_node} processes = world size {world}; run {where}:")
-    print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " \\\n  " + " ".join(
-        a if a.startswith("${") or ":" in a and "${" in a else shlex.quote(a) for a in cmd))
+    print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " \\\n  " + shell_line(cmd))
     if run:
         if cluster.nodes > 1 and ("${" in master_addr or "${" in node_rank):
-            print("error: --run on several nodes needs master_addr=... (and node_rank=... for deepspeed)", file=sys.stderr)
-            sys.exit(2)
-        # The printed line runs from the checkout on each node; here the script is this checkout's, from any folder.
-        cmd = [str(REPO_ROOT / TRAIN_SCRIPT) if a == TRAIN_SCRIPT else a for a in cmd]
-        # torchrun's own code, keeping exit 85 ("checkpointed, requeue me") that plain torchrun reports as 1.
-        exe = [sys.executable, "-m", "ft_dist.launch.node", *cmd[1:]] if launcher == "torchrun" else cmd
+            exit_with_error("--run on several nodes needs master_addr=... (and node_rank=... for deepspeed)")
+        # The printed line runs from the checkout on each node; here the script is this checkout's, from any folder,
+        # and torchrun runs through ft-dist's node wrapper, keeping exit 85 that plain torchrun reports as 1.
+        exe = training_command(nodes, gpus, job_overrides(overrides, nodes * gpus), rendezvous, launcher,
+                               python=sys.executable if launcher == "torchrun" else None,
+                               script=str(REPO_ROOT / TRAIN_SCRIPT), max_restarts=max_restarts, node_rank=node_rank)
         child = subprocess.Popen(exe, env={**os.environ, **env})
         sys.exit(_supervise(child, launcher))
 
@@ -110,13 +93,9 @@ def _main(argv: List[str]) -> None:
 def _supervise(child: subprocess.Popen, launcher: str) -> int:
     """Wait for the launcher; a preemption signal sent to ft-launch alone reaches the training processes.
 
-    ft_dist.launch.node forwards SIGUSR1/SIGTERM to its workers itself. The deepspeed launchers die on SIGUSR1 and
+    ft_dist.commands.node forwards SIGUSR1/SIGTERM to its workers itself. The deepspeed launchers die on SIGUSR1 and
     kill their workers on SIGTERM, so there the signal goes straight to the processes running the training script.
     """
-    import psutil
-
-    from ft_dist.launch.node import forward_preemption_signals  # imports psutil
-
     def targets() -> List[psutil.Process]:
         if launcher == "torchrun":
             return [psutil.Process(child.pid)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -41,29 +41,3 @@ class ClusterConfig:
     """Shell lines run before training on every node (e.g. `module load cuda/12.6`, `source venv/bin/activate`)."""
     sbatch_extra: List[str] = field(default_factory=list)
     """Extra `#SBATCH` options, verbatim (e.g. `--constraint=a100`, `--qos=high`)."""
-
-
-@dataclass
-class SlurmLaunchConfig:
-    """`launch/slurm.py` (ft-launch slurm): write and optionally submit the sbatch script for one training run."""
-
-    defaults: List[Any] = field(default_factory=lambda: ["_self_", {"cluster": "local"}])
-    """The cluster option comes after this schema's own values, so conf/cluster/<name>.yaml sets them."""
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    job_name: str = "ft-dist"
-    """Slurm job name; also the default run directory's prefix."""
-    run_dir: Optional[str] = None
-    """The training run's output_dir (absolute after resolution); None: runs/<job_name>-<time>. The script, its log
-    and every checkpoint live here, so a requeued job finds them again."""
-    python: Optional[str] = None
-    """Python on the compute nodes; None: the interpreter running this command (same venv on a shared filesystem)."""
-    resume: bool = True
-    """Add `train.resume=auto`, so a requeued job continues from the latest complete checkpoint."""
-    submit: bool = False
-    """Also run sbatch and print the job id (else only write the script)."""
-
-
-def register(cs: Any) -> None:
-    """Put the cluster schema and ft-launch's primary config in Hydra's ConfigStore (call once, with the others)."""
-    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
-    cs.store(name="slurm_launch", node=SlurmLaunchConfig)

@@ -1,0 +1,191 @@
+"""The primary config of each command, the checks that only a command can make, and their registration in
+Hydra's ConfigStore.
+
+Component configs (model, data, train, strategy, peft, eval, plan, cluster) live with their components and are
+composed here into each command's schema. Nothing here imports torch: a bad command line fails in well under a
+second, before any model or data is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from ft_dist.cluster.schema import ClusterConfig
+from ft_dist.config import ModelConfig, RunConfig, validate
+from ft_dist.data.schema import DataConfig, validate_data
+from ft_dist.errors import ConfigError
+from ft_dist.eval.schema import JUDGES, MODES
+from ft_dist.planner.schema import PLAN_CHOICES, PlanConfig
+
+# ft-train's schema is ft_dist.config.RunConfig.
+
+
+@dataclass
+class EvalRunConfig(RunConfig):
+    """`ft-eval`: score models (the base, a finetuned `checkpoint`, or several `checkpoints`) on the test split."""
+
+    mode: str = "eval"
+    """eval: loss, perplexity, generation metrics and error analysis, base vs finetuned (before/after).
+    compare: the same for every model in `checkpoints`, one table with deltas, error counts and win rates.
+    mc: only the multiple-choice benchmarks (`mc_tasks`, `mc_file`)."""
+    checkpoint: Optional[str] = None
+    """A finetuned model directory (a run dir or its final/); None evaluates the base model."""
+    compare_base: bool = True
+    """With a checkpoint, also evaluate the base model and print before/after."""
+    checkpoints: List[str] = field(default_factory=list)
+    """Models to compare (mode=compare): `base` and/or model/run directories; the first is the baseline of the
+    deltas. Empty: [base, checkpoint]."""
+    mc_tasks: List[str] = field(default_factory=list)
+    """lm-eval task names (arc_easy, hellaswag, mmlu, truthfulqa_mc2, ...); their data comes from the HF hub."""
+    mc_file: Optional[str] = None
+    """A local multiple-choice JSONL of {question, choices, answer}, run as an lm-eval task (and instead of
+    `mc_tasks` when their data is out of reach)."""
+    mc_limit: Optional[int] = None
+    """Score at most N items per multiple-choice task (None: all)."""
+    mc_batch_size: int = 8
+    judge: str = "f1"
+    """Pairwise preference judge for compare's win rates and Elo: f1 (higher token-F1 wins) | none."""
+    error_analysis: bool = True
+    """Tag each generated answer with error categories; write errors-<model>.jsonl and .md."""
+    worst_examples: int = 20
+    """Examples shown in the Markdown error report, worst first."""
+
+@dataclass
+class GenerateRunConfig(RunConfig):
+    """`ft-generate`: answer prompts with a model through the data config's template."""
+
+    checkpoint: Optional[str] = None
+    prompt: Optional[str] = None
+    """One prompt; None reads prompts from stdin, one per line."""
+
+
+@dataclass
+class DataReportConfig:
+    """`ft-data`: prepare a dataset exactly as training would, and report on it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Only the tokenizer is used."""
+    data: DataConfig = field(default_factory=DataConfig)
+    action: str = "report"
+    """report (counts, lengths, flags) or show (examples with the tokens that get loss marked); `ft-data
+    report|show data=...` sets it from the leading word."""
+    output_dir: str = MISSING
+    """Where report.json, report.md, lengths.png and flagged.jsonl go."""
+    max_flagged: int = 20
+    """Flagged responses (repetition, overly long) listed in the report."""
+    long_ratio: float = 4.0
+    """A response is overly long at more than this many times the median response's words."""
+    show_examples: int = 3
+    """How many training examples `ft-data show` renders."""
+
+
+@dataclass
+class PlanRunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+
+@dataclass
+class SlurmLaunchConfig:
+    """`launch/slurm.py` (ft-launch slurm): write and optionally submit the sbatch script for one training run."""
+
+    defaults: List[Any] = field(default_factory=lambda: ["_self_", {"cluster": "local"}])
+    """The cluster option comes after this schema's own values, so conf/cluster/<name>.yaml sets them."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    job_name: str = "ft-dist"
+    """Slurm job name; also the default run directory's prefix."""
+    run_dir: Optional[str] = None
+    """The training run's output_dir (absolute after resolution); None: runs/<job_name>-<time>. The script, its log
+    and every checkpoint live here, so a requeued job finds them again."""
+    python: Optional[str] = None
+    """Python on the compute nodes; None: the interpreter running this command (same venv on a shared filesystem)."""
+    resume: bool = True
+    """Add `train.resume=auto`, so a requeued job continues from the latest complete checkpoint."""
+    submit: bool = False
+    """Also run sbatch and print the job id (else only write the script)."""
+
+
+@dataclass
+class ExportConfig:
+    """`ft-export`: turn a training checkpoint into an HF model directory."""
+
+    checkpoint: str = MISSING
+    """A checkpoints/step-<N> dir, or a run dir (its newest complete checkpoint)."""
+    output: str = MISSING
+    max_shard_gb: float = 2.0
+    """Largest safetensors file written; export holds one shard and one transformer block at a time."""
+    merge_lora: bool = True
+    """For LoRA runs: also write the merged full model (the adapter goes to output/adapter either way)."""
+
+
+def register_configs() -> None:
+    """Every command's primary config, and the cluster group's schema, in Hydra's ConfigStore (once per process)."""
+    cs = ConfigStore.instance()
+    for name, node in (("train_schema", RunConfig), ("eval_schema", EvalRunConfig),
+                       ("generate_schema", GenerateRunConfig), ("data_report_schema", DataReportConfig),
+                       ("plan_schema", PlanRunConfig), ("export_schema", ExportConfig), ("slurm_launch", SlurmLaunchConfig)):
+        cs.store(name=name, node=node)
+    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
+
+
+def validate_eval_run(cfg: Any) -> None:
+    """ft-eval's own checks, on top of `ft_dist.config.validate`; raises ConfigError naming the key."""
+    validate(cfg)
+    if cfg.mode not in MODES:
+        raise ConfigError("mode", f"expected one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if cfg.judge not in JUDGES:
+        raise ConfigError("judge", f"expected one of {', '.join(JUDGES)}, got {cfg.judge!r}")
+    if cfg.mode == "compare" and len(cfg.checkpoints) < 2 and not (cfg.checkpoint and not cfg.checkpoints):
+        raise ConfigError("checkpoints", "mode=compare needs two or more models, e.g. checkpoints=[base,runs/X]")
+    if cfg.mode == "mc" and not cfg.mc_tasks and not cfg.mc_file:
+        raise ConfigError("mc_file", "mode=mc needs mc_file=<items.jsonl> or mc_tasks=[arc_easy,...]")
+    if cfg.mc_file and not Path(cfg.mc_file).expanduser().is_file():
+        raise ConfigError("mc_file", f"expected a {{question, choices, answer}} JSONL file, got {cfg.mc_file!r}")
+    if cfg.mc_limit is not None and cfg.mc_limit <= 0:
+        raise ConfigError("mc_limit", f"expected a positive count or null, got {cfg.mc_limit}")
+    if cfg.mc_batch_size <= 0:
+        raise ConfigError("mc_batch_size", f"expected a value > 0, got {cfg.mc_batch_size}")
+    if cfg.worst_examples < 0:
+        raise ConfigError("worst_examples", f"expected a value >= 0, got {cfg.worst_examples}")
+
+
+def validate_data_run(cfg: Any) -> None:
+    """Pre-flight checks of `ft-data` (conf/data.yaml)."""
+    if cfg.action not in ("report", "show"):
+        raise ConfigError("action", f"expected report or show, got {cfg.action!r}")
+    if cfg.show_examples < 1:
+        raise ConfigError("show_examples", f"expected >= 1, got {cfg.show_examples}")
+    if cfg.model.tokenizer is None and cfg.model.name_or_path is None:
+        raise ConfigError("model.tokenizer", "expected a tokenizer path or id (the report counts tokens)")
+    validate_data(cfg.data)
+
+
+def validate_plan(cfg: Any) -> None:
+    """Value checks beyond types; raise ConfigError naming the key. Cheap: runs before any heavy import."""
+    plan = cfg.plan
+    for key, choices in PLAN_CHOICES.items():
+        value = getattr(plan, key)
+        if value is not None and value not in choices:
+            raise ConfigError(f"plan.{key}", f"expected one of {', '.join(choices)}, got {value!r}")
+    if not plan.tokens > 0:
+        raise ConfigError("plan.tokens", f"expected the dataset's token count (> 0), got {plan.tokens}")
+    for key in ("epochs", "seq_len", "lora_rank", "global_batch", "top"):
+        if not getattr(plan, key) > 0:
+            raise ConfigError(f"plan.{key}", f"expected a value > 0, got {getattr(plan, key)}")
+    for key in ("nodes", "micro_batch", "deadline_hours", "budget_usd"):
+        value = getattr(plan, key)
+        if value is not None and not value > 0:
+            raise ConfigError(f"plan.{key}", f"expected a value > 0 or null, got {value}")
+    if not 0 <= plan.headroom < 1:
+        raise ConfigError("plan.headroom", f"expected a share in [0, 1), got {plan.headroom}")
+    if "model_type" not in cfg.model.arch:
+        raise ConfigError("model.arch.model_type", "the planner builds from `arch`; this model config has none")
+    if plan.instance is not None:
+        from ft_dist.planner.catalog import instance, load_catalog
+
+        instance(plan.instance, load_catalog(plan.catalog))
