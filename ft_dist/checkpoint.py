@@ -1,5 +1,8 @@
 """Run outputs: the resolved config, the final HF-format model (streamed), training checkpoints, export.
 
+`CheckpointManager` is the one owner of a run's training checkpoints: which one it resumes from and whether it
+can, when the next one is due, what each records, saving, loading and retention.
+
 Everything is written atomically (ft_dist.atomic_io): a crash mid-save leaves either the previous complete output
 or nothing, never a half-written directory that loads wrongly.
 """
@@ -9,13 +12,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ft_dist import dist
+from ft_dist import dist, hooks
 from ft_dist.atomic_io import atomic_dir, atomic_write_text  # noqa: F401  (re-exported for the commands)
 from ft_dist.errors import ConfigError
 from ft_dist.tracking import scrub_secrets
@@ -140,8 +145,6 @@ def save_checkpoint(strategy: Any, scheduler: Any, out_dir: Path, step: int, met
     """Write checkpoints/step-<step>/ collectively; complete only once every rank has written its part."""
     import torch.distributed.checkpoint as dcp
 
-    from ft_dist import dist
-
     root = Path(out_dir) / CHECKPOINTS
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
     if dist.is_main():
@@ -153,12 +156,7 @@ def save_checkpoint(strategy: Any, scheduler: Any, out_dir: Path, step: int, met
     if getattr(strategy, "scaler", None) is not None:
         extra["scaler"] = strategy.scaler.state_dict()
     torch.save(extra, tmp / f"rank-{dist.world().rank}.pt")
-    delay_at = os.environ.get("FT_DIST_TEST_SAVE_DELAY", "")  # "<step>:<seconds>": tests kill a save mid-way
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"  # not again after a torchrun restart
-    if delay_at and int(delay_at.split(":")[0]) == step and first_attempt:
-        import time
-
-        time.sleep(float(delay_at.split(":")[1]))
+    hooks.fire("checkpoint_written", step=step, rank=dist.world().rank, path=tmp)
     dist.barrier()
     if dist.is_main():
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -179,8 +177,6 @@ def read_meta(path: Path) -> Dict[str, Any]:
 def load_checkpoint(strategy: Any, scheduler: Any, path: Path) -> Dict[str, Any]:
     """Restore model, optimizer, scheduler, loss scaler and (same layout only) RNG from a complete checkpoint."""
     import torch.distributed.checkpoint as dcp
-
-    from ft_dist import dist
 
     meta = read_meta(path)
     state = strategy.checkpoint_state()  # the target layout; DCP reshards the saved tensors into it
@@ -259,8 +255,8 @@ def check_resumable(cfg: DictConfig, path: Path, world: dist.World) -> None:
     """Refuse, in one line naming what differs and what to pass, a checkpoint this run cannot continue exactly."""
     meta = read_meta(path)
     now, then = config_fingerprint(cfg), meta.get("config", {})
-    diffs = [f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(now) | set(then))
-             if now.get(k) != then.get(k)]
+    # Settings recorded by an older ft-dist that no longer identify a run are not compared.
+    diffs = [f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(now) if now.get(k) != then.get(k)]
     if diffs and not cfg.train.resume_ignore_config:
         raise ConfigError("train.resume", f"checkpoint {path} was written with a different config ({'; '.join(diffs)}); "
                           "pass train.resume_ignore_config=true to resume anyway, or a new output_dir to start fresh")
@@ -272,3 +268,93 @@ def check_resumable(cfg: DictConfig, path: Path, world: dist.World) -> None:
         raise ConfigError("train.grad_accum", f"checkpoint {path} used global batch {meta['global_batch']} (micro "
                           f"{meta['micro_batch_size']} x accum {meta['grad_accum']} x world {meta['world_size']}), this run "
                           f"{global_batch}: {hint} so the data position maps exactly")
+
+
+@dataclass
+class RunPosition:
+    """Where a run stands: steps done at a global batch. A checkpoint records the samples consumed, so a resume
+    with another world size (same global batch) continues at the same example."""
+
+    step: int
+    global_batch: int
+
+    @property
+    def samples_consumed(self) -> int:
+        return self.step * self.global_batch
+
+    @classmethod
+    def of(cls, meta: Dict[str, Any], global_batch: int) -> "RunPosition":
+        return cls(meta["samples_consumed"] // global_batch, global_batch)
+
+
+class CheckpointManager:
+    """A run's training checkpoints, from choosing the one to resume to the last save.
+
+    Built before any data or model (`resume_from` is found and checked against the config and world then, so a
+    mismatch is one line before expensive work); `bind` hands it the strategy and scheduler once they exist. The
+    loop then calls `restore` once and `after_step` once per step (and `save` when training must stop).
+    Checkpoints are sharded: every rank writes and reads its own part (`save_checkpoint`, `load_checkpoint`).
+    """
+
+    def __init__(self, cfg: Any, out_dir: Path, world: dist.World) -> None:
+        self.train, self.out_dir, self.world = cfg.train, Path(out_dir), world
+        self.fingerprint = config_fingerprint(cfg)
+        self.strategy_name = cfg.strategy.name
+        self.resume_from = find_resume_checkpoint(cfg.train.resume, out_dir)
+        if self.resume_from is not None:
+            check_resumable(cfg, self.resume_from, world)
+        self._last_save = time.time()
+        self._bound: Optional[Tuple[Any, Any, int, Any, Callable[..., None]]] = None
+
+    def bind(self, strategy: Any, scheduler: Any, global_batch: int, memory: Any,
+             progress: Callable[..., None]) -> None:
+        self._bound = (strategy, scheduler, global_batch, memory, progress)
+        self._last_save = time.time()  # the time cadence counts from the start of training
+
+    def restore(self, tracker: Any) -> int:
+        """Load `resume_from` into the bound strategy and scheduler; the step to continue from (0: fresh start)."""
+        if self.resume_from is None:
+            return 0
+        strategy, scheduler, global_batch, memory, progress = self._require_bound()
+        t0 = time.time()
+        progress("checkpoint load")
+        with memory.phase("resume"):
+            meta = load_checkpoint(strategy, scheduler, self.resume_from)
+        position = RunPosition.of(meta, global_batch)
+        dist.log(f"resumed from {self.resume_from} at step {position.step} ({meta['samples_consumed']} samples "
+                 f"consumed, saved by world size {meta['world_size']}; {time.time() - t0:.1f} s)")
+        tracker.event(position.step, "resume", checkpoint=str(self.resume_from), saved_world_size=meta["world_size"],
+                      world_size=self.world.size, strategy=self.strategy_name)
+        return position.step
+
+    def due_by_time(self) -> bool:
+        """This rank's view of `train.save_minutes` (rank 0 keeps the clock; the loop's all-reduce shares it)."""
+        minutes = self.train.save_minutes
+        return bool(minutes) and self.world.is_main and time.time() - self._last_save >= 60 * minutes
+
+    def after_step(self, done: int, preempted: bool, due: bool) -> None:
+        """Save after step `done` when a rank was preempted, the time cadence is due, or `train.save_every` says so."""
+        every = self.train.save_every
+        if preempted or due or (every and done % every == 0):
+            self.save(done)
+
+    def save(self, step: int) -> Path:
+        strategy, scheduler, global_batch, memory, progress = self._require_bound()
+        position = RunPosition(step, global_batch)
+        tc = self.train
+        meta = {"step": step, "samples_consumed": position.samples_consumed, "world_size": self.world.size,
+                "micro_batch_size": tc.micro_batch_size, "grad_accum": tc.grad_accum, "global_batch": global_batch,
+                "strategy": self.strategy_name, "config": self.fingerprint, "saved_at": time.time()}
+        t0 = time.time()
+        progress("checkpoint save", step)
+        with memory.phase("save"):
+            path = save_checkpoint(strategy, scheduler, self.out_dir, step, meta, tc.keep_checkpoints)
+        progress("checkpoint saved", step)
+        self._last_save = time.time()
+        dist.log(f"checkpoint: {path} ({time.time() - t0:.1f} s)")
+        return path
+
+    def _require_bound(self) -> Tuple[Any, Any, int, Any, Callable[..., None]]:
+        if self._bound is None:
+            raise RuntimeError("CheckpointManager.bind(strategy, scheduler, ...) must come first")
+        return self._bound

@@ -10,18 +10,18 @@ accumulation steps.
 from __future__ import annotations
 
 import math
-import os
 import resource
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from ft_dist import dist, hooks
+from ft_dist.checkpoint import CHECKPOINTS, CheckpointManager
 from ft_dist.data.batching import GlobalBatchSampler, collate, count_real_tokens, examples_from_rows, to_device
 from ft_dist.data.prepare import PreparedData
+from ft_dist.errors import TrainingDiverged
 from ft_dist.eval.loss import evaluate_loss
 from ft_dist.optim import build_scheduler
 from ft_dist.phase_memory import PhaseMemory
@@ -73,33 +73,17 @@ def forward_backward(strategy: Strategy, batches: List[Dict[str, torch.Tensor]],
     return total
 
 
-@dataclass
-class RunPosition:
-    """Where a run stands, as written into each checkpoint's meta.json."""
-
-    step: int
-    global_batch: int
-
-    @property
-    def samples_consumed(self) -> int:
-        return self.step * self.global_batch
-
-
-def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracker, pad_id: int, out_dir: Path,
-               resume_from: Optional[Path] = None, config_fingerprint: Optional[Dict[str, Any]] = None,
-               extra_eval: Optional[Callable[[], Dict[str, float]]] = None,
+def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracker, pad_id: int,
+               checkpoints: CheckpointManager, extra_eval: Optional[Callable[[], Dict[str, float]]] = None,
                memory: Optional[PhaseMemory] = None,
                progress: Callable[..., None] = lambda phase, step=None: None) -> LoopResult:
     """Train for the configured steps; `extra_eval` adds metrics (e.g. a generation sample) at each periodic eval.
 
     `memory` records the peak of each phase (train steps, eval, save, resume) on this rank; `progress(phase, step)`
-    is told where the rank is between units of work (the hang watchdog's heartbeat).
-
-    Checkpoints are written every `train.save_every` steps / `train.save_minutes` minutes, and at the first step
-    boundary after a preemption signal on any rank, after which the result says `preempted` (exit 85).
+    is told where the rank is between units of work (the hang watchdog's heartbeat). `checkpoints` resumes the
+    run and decides when to save: every `train.save_every` steps / `train.save_minutes` minutes, and at the first
+    step boundary after a preemption signal on any rank, after which the result says `preempted` (exit 85).
     """
-    from ft_dist.checkpoint import load_checkpoint, save_checkpoint
-
     tc = cfg.train
     world = strategy.world
     sampler = GlobalBatchSampler(len(data.train), tc.micro_batch_size, tc.grad_accum, world.size, world.rank, tc.seed)
@@ -107,42 +91,17 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
     scheduler = build_scheduler(strategy.optimizer, tc, steps)
     num_loss_tokens = data.train["num_loss_tokens"]
     result = LoopResult(steps=steps)
-    layout = {"world_size": world.size, "micro_batch_size": tc.micro_batch_size, "grad_accum": tc.grad_accum,
-              "global_batch": sampler.global_batch, "strategy": cfg.strategy.name}
-
     memory = memory or PhaseMemory(world.device)
-
-    def save(step: int) -> None:
-        meta = {"step": step, "samples_consumed": step * sampler.global_batch, **layout,
-                "config": config_fingerprint or {}, "saved_at": time.time()}
-        t0 = time.time()
-        progress("checkpoint save", step)
-        with memory.phase("save"):
-            path = save_checkpoint(strategy, scheduler, out_dir, step, meta, tc.keep_checkpoints)
-        progress("checkpoint saved", step)
-        dist.log(f"checkpoint: {path} ({time.time() - t0:.1f} s)")
-
-    start_step = 0
-    if resume_from is not None:
-        t0 = time.time()
-        progress("checkpoint load")
-        with memory.phase("resume"):
-            meta = load_checkpoint(strategy, scheduler, resume_from)
-        start_step = meta["samples_consumed"] // sampler.global_batch
-        dist.log(f"resumed from {resume_from} at step {start_step} ({meta['samples_consumed']} samples consumed, "
-                 f"saved by world size {meta['world_size']}; {time.time() - t0:.1f} s)")
-        tracker.event(start_step, "resume", checkpoint=str(resume_from), saved_world_size=meta["world_size"],
-                      world_size=world.size, strategy=cfg.strategy.name)
+    checkpoints.bind(strategy, scheduler, sampler.global_batch, memory, progress)
+    start_step = checkpoints.restore(tracker)
     result.start_step = start_step
     dist.log(f"training: {steps} steps, global batch {sampler.global_batch} = micro {tc.micro_batch_size} x accum "
              f"{tc.grad_accum} x world {world.size}, {len(data.train)} train / {len(data.test)} test examples")
     strategy.model.train()
     tracker.start_progress(steps, initial=start_step)
-    start = last_save = time.time()
+    start = time.time()
     window_tokens, window_start = 0.0, time.time()
     bad_in_a_row = 0
-    # Tests inject a real NaN into the loss from this step on, to drive the guard through backward and step.
-    poison_from = int(os.environ.get("FT_DIST_TEST_NAN_FROM_STEP", "0"))
     for step in range(start_step, steps):
         progress("data", step + 1)
         micro_batches = sampler.micro_batches(step)
@@ -153,9 +112,9 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
         with memory.phase("train"):
             progress("forward/backward", step + 1)
             loss_sum = float(forward_backward(strategy, [to_device(b, world.device) for b in cpu_batches], n_global,
-                                              poison=bool(poison_from) and step + 1 >= poison_from))
+                                              poison=any(hooks.fire("nan_loss", step=step + 1, rank=world.rank))))
             progress("loss all-reduce and optimizer step", step + 1)
-            due = bool(tc.save_minutes) and world.is_main and time.time() - last_save >= 60 * tc.save_minutes
+            due = checkpoints.due_by_time()
             # One all-reduce per step carries the loss, the token count and every rank's stop/save requests.
             loss, tokens, preempt, due = dist.all_reduce_sum([loss_sum, tokens, float(dist.preemption_signalled()), float(due)])
             done = step + 1
@@ -177,13 +136,12 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
             result.skipped_steps += 1
             dist.log(f"step {done}: non-finite loss {loss} / grad norm {grad_norm}: update skipped ({bad_in_a_row} in a row)")
             if bad_in_a_row >= tc.nonfinite_limit or not strategy.can_skip_steps:
-                from ft_dist.errors import TrainingDiverged
-
                 first_bad = done - bad_in_a_row + 1
-                save(first_bad - 1) if first_bad - 1 > 0 else None
+                if first_bad > 1:
+                    checkpoints.save(first_bad - 1)
                 raise TrainingDiverged(f"training diverged: {bad_in_a_row} steps in a row with NaN/Inf loss or gradients "
                                        f"(first at step {first_bad}); lower train.lr or check the data. The weights "
-                                       f"from before step {first_bad} are in {out_dir / 'checkpoints'}")
+                                       f"from before step {first_bad} are in {checkpoints.out_dir / CHECKPOINTS}")
             lr = scheduler.get_last_lr()[0]
         result.train_losses.append(loss)
         result.tokens += int(tokens)
@@ -210,9 +168,7 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
             result.eval_history.append(ev)
             tracker.log(done, {k: v for k, v in ev.items() if k != "step"})
             dist.log(f"step {done}/{steps}: eval_loss {ev['eval_loss']:.4f} (perplexity {ev['eval_perplexity']:.2f})")
-        if preempt or due or (tc.save_every and done % tc.save_every == 0):
-            save(done)
-            last_save = time.time()
+        checkpoints.after_step(done, preempted=bool(preempt), due=bool(due))
         if preempt:
             dist.log(f"preempted: checkpoint saved at step {done}; exiting with code 85 (requeue; train.resume=auto continues)")
             result.preempted = True

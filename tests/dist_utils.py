@@ -45,16 +45,60 @@ def env(extra: Dict[str, str] | None = None) -> Dict[str, str]:
     return {**e, **(extra or {})}
 
 
+TRAIN = REPO / "launch" / "train.py"
+
+_HOOKED_TRAIN = """
+import runpy, sys
+sys.path.insert(0, {repo!r})
+from ft_dist import hooks
+
+{hooks}
+
+sys.argv = [{train!r}, *sys.argv[1:]]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def hooked_train_script(directory: Path, hook_source: str, name: str = "hooked_train.py") -> Path:
+    """launch/train.py run after `hook_source` installed its hooks (ft_dist/hooks.py) in the worker process itself.
+
+    `hook_source` is Python that calls `hooks.install(point, fn)`; the script takes the same arguments as train.py.
+    """
+    script = Path(directory) / name
+    script.write_text(_HOOKED_TRAIN.format(repo=str(REPO), train=str(TRAIN), hooks=hook_source))
+    return script
+
+
+# Each rank's view of the final weights as they stream past (sum and norm per tensor), written per rank, so a test
+# can check that every rank gathered the same model.
+PARAM_DIGEST_HOOKS = """
+import json
+from pathlib import Path
+
+_digest = {}
+
+def _record(unit, rank, out_dir):
+    _digest.update({k: [float(v.double().sum()), float(v.double().norm())] for k, v in unit.items()})
+
+def _write(rank, out_dir):
+    (Path(out_dir) / f"param_digest.rank{rank}.json").write_text(json.dumps(_digest, sort_keys=True))
+
+hooks.install("final_unit", _record)
+hooks.install("final_units_done", _write)
+"""
+
+
 def torchrun(args: Sequence[str], nproc: int = 2, extra_env: Dict[str, str] | None = None, timeout: float = 600,
-             launcher: Sequence[str] | None = None) -> subprocess.CompletedProcess:
+             launcher: Sequence[str] | None = None, script: Path = TRAIN) -> subprocess.CompletedProcess:
     cmd = list(launcher or [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                             "--master_port", str(free_port())])
-    return subprocess.run([*cmd, str(REPO / "launch" / "train.py"), *args], cwd=REPO, env=env(extra_env),
+    return subprocess.run([*cmd, str(script), *args], cwd=REPO, env=env(extra_env),
                           capture_output=True, text=True, timeout=timeout)
 
 
-def single(args: Sequence[str], extra_env: Dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args], cwd=REPO, env=env(extra_env),
+def single(args: Sequence[str], extra_env: Dict[str, str] | None = None, timeout: float = 600,
+           script: Path = TRAIN) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env(extra_env),
                           capture_output=True, text=True, timeout=timeout)
 
 

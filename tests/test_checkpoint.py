@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from dist_utils import assert_readable_by_others, assert_same_weights, env, final_weights, free_port, logged_steps, losses, single, torchrun, wait_for
+from dist_utils import (assert_readable_by_others, assert_same_weights, env, final_weights, free_port, hooked_train_script,
+                        logged_steps, losses, single, torchrun, wait_for)
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -158,10 +159,21 @@ def test_sigterm_single_process_exit_code(model_dir, cache_dir, tmp_path):
     assert len(list((tmp_path / "checkpoints").glob("step-*/COMPLETE"))) == 1
 
 
+SLOW_SAVE_AT_STEP_4 = """
+import time
+
+def slow_save(step, rank, path):
+    if step == 4:  # half written: the test kills the run now
+        time.sleep(120)
+
+hooks.install("checkpoint_written", slow_save)
+"""
+
+
 def test_kill_during_save_leaves_previous_checkpoint(model_dir, cache_dir, uninterrupted, tmp_path):
     a = args(model_dir, cache_dir, tmp_path, "train.save_every=2", *ONE)
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), *a], cwd=REPO,
-                            env=env({"FT_DIST_TEST_SAVE_DELAY": "4:120"}), stdout=subprocess.PIPE,
+    slow_save = hooked_train_script(tmp_path, SLOW_SAVE_AT_STEP_4)
+    proc = subprocess.Popen([sys.executable, str(slow_save), *a], cwd=REPO, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     partial = tmp_path / "checkpoints" / ".step-00000004.tmp" / "rank-0.pt"
     wait_for(partial.exists, what="the step-4 save to be half written")
@@ -221,10 +233,8 @@ def test_torchrun_restarts_after_a_rank_is_killed(model_dir, cache_dir, uninterr
 
 
 HANG_TIMEOUT_S, HEARTBEAT_S = 12, 1
-STALLING_WORKER = """
-import os, runpy, sys, time
-sys.path.insert(0, {repo!r})
-from ft_dist import hooks
+STALL_RANK_1 = """
+import os, time
 
 def stall_forever(step, rank):
     # Rank 1 of the first attempt stops in the middle of the run, as a stuck data read or collective would.
@@ -233,14 +243,11 @@ def stall_forever(step, rank):
             time.sleep(1)
 
 hooks.install("after_step", stall_forever)
-sys.argv = [{train!r}, *sys.argv[1:]]
-runpy.run_path({train!r}, run_name="__main__")
 """
 
 
 def test_a_stalled_rank_is_named_and_the_job_restarts_from_its_checkpoint(model_dir, cache_dir, uninterrupted, tmp_path):
-    worker = tmp_path / "worker.py"
-    worker.write_text(STALLING_WORKER.format(repo=str(REPO), train=str(REPO / "launch" / "train.py")))
+    worker = hooked_train_script(tmp_path, STALL_RANK_1)
     run = tmp_path / "run"
     a = args(model_dir, cache_dir, run, "train.save_every=2", *TWO, "strategy=ddp", f"train.hang_timeout_s={HANG_TIMEOUT_S}",
              f"train.heartbeat_s={HEARTBEAT_S}")
@@ -309,8 +316,9 @@ def test_resume_with_a_different_config_says_what_differs(model_dir, cache_dir, 
 
 def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(model_dir, cache_dir, uninterrupted, tmp_path):
     # A real NaN enters the loss from step 4 on (test hook), so backward yields NaN gradients on every rank.
+    nan_from_4 = hooked_train_script(tmp_path, 'hooks.install("nan_loss", lambda step, rank: step >= 4)')
     proc = torchrun(args(model_dir, cache_dir, tmp_path, "train.save_every=0", "train.nonfinite_limit=2", *TWO,
-                         "strategy=ddp"), extra_env={"FT_DIST_TEST_NAN_FROM_STEP": "4"})
+                         "strategy=ddp"), script=nan_from_4)
     assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("training diverged: 2 steps in a row with NaN/Inf loss or gradients (first at step 4)") == 1
     assert "update skipped (1 in a row)" in proc.stdout

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from dist_utils import digests, env, final_weights, free_port, losses, single, torchrun
+from dist_utils import PARAM_DIGEST_HOOKS, digests, env, final_weights, free_port, hooked_train_script, losses, single, torchrun
 
 pytestmark = pytest.mark.slow
 STEPS = 5
@@ -54,33 +54,36 @@ def assert_matches(run: Path, ref: Path) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=k)
 
 
-DIGEST = {"FT_DIST_PARAM_DIGEST": "1"}
+@pytest.fixture(scope="module")
+def digesting(tmp_path_factory) -> Path:
+    """launch/train.py with the parameter-digest hooks installed (tests/dist_utils.py)."""
+    return hooked_train_script(tmp_path_factory.mktemp("hooks"), PARAM_DIGEST_HOOKS)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"])
-def test_strategy_matches_single_process(strategy, model_dir, cache_dir, reference, tmp_path):
+def test_strategy_matches_single_process(strategy, model_dir, cache_dir, reference, tmp_path, digesting):
     proc = torchrun(common(model_dir, cache_dir, tmp_path, f"strategy={strategy}", "train.micro_batch_size=2",
-                           "train.grad_accum=2"), extra_env=DIGEST)
+                           "train.grad_accum=2"), script=digesting)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "global batch 8 = micro 2 x accum 2 x world 2" in proc.stdout
     assert_matches(tmp_path, reference["full"])
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
-def test_lora_under_strategy_matches_single_process(strategy, model_dir, cache_dir, reference, tmp_path):
+def test_lora_under_strategy_matches_single_process(strategy, model_dir, cache_dir, reference, tmp_path, digesting):
     proc = torchrun(common(model_dir, cache_dir, tmp_path, f"strategy={strategy}", "train.micro_batch_size=2",
-                           "train.grad_accum=2", "peft=lora", "peft.r=4", "peft.dropout=0"), extra_env=DIGEST)
+                           "train.grad_accum=2", "peft=lora", "peft.r=4", "peft.dropout=0"), script=digesting)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert re.search(r"\d[\d,]* trainable \(lora\)", proc.stdout)
     assert_matches(tmp_path, reference["lora"])
 
 
-def test_two_nodes_on_one_host(model_dir, cache_dir, reference, tmp_path):
+def test_two_nodes_on_one_host(model_dir, cache_dir, reference, tmp_path, digesting):
     port = free_port()
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend",
             "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"ft-{port}"]
     args = common(model_dir, cache_dir, tmp_path, "strategy=ddp", "train.micro_batch_size=2", "train.grad_accum=2")
-    procs = [subprocess.Popen([*node, str(REPO / "launch" / "train.py"), *args], cwd=REPO, env=env(DIGEST),
+    procs = [subprocess.Popen([*node, str(digesting), *args], cwd=REPO, env=env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
@@ -88,10 +91,10 @@ def test_two_nodes_on_one_host(model_dir, cache_dir, reference, tmp_path):
     assert_matches(tmp_path, reference["full"])
 
 
-def test_deepspeed_launcher(model_dir, cache_dir, reference, tmp_path):
+def test_deepspeed_launcher(model_dir, cache_dir, reference, tmp_path, digesting):
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     proc = torchrun(common(model_dir, cache_dir, tmp_path, "strategy=zero2", "train.micro_batch_size=2",
-                           "train.grad_accum=2"), extra_env=DIGEST, launcher=launcher)
+                           "train.grad_accum=2"), launcher=launcher, script=digesting)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_matches(tmp_path, reference["full"])
 

@@ -6,14 +6,13 @@ This is the one place that wires the layers together; each step below is a call 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict
 
 from omegaconf import DictConfig, OmegaConf
 
-from ft_dist import EXIT_REQUEUE, dist
-from ft_dist.checkpoint import atomic_write_text, check_resumable, config_fingerprint, config_yaml, save_final_model
+from ft_dist import EXIT_REQUEUE, dist, hooks
+from ft_dist.checkpoint import CheckpointManager, atomic_write_text, config_yaml, save_final_model
 from ft_dist.data.prepare import prepare_dataset
 from ft_dist.eval.compare import before_after_table
 from ft_dist.eval.generation import task_metrics
@@ -27,16 +26,12 @@ from ft_dist.tracking import Tracker, scrub_secrets
 from ft_dist.watchdog import Watchdog
 
 
-def _digesting(units: Any, out_dir: Path, rank: int) -> Any:
-    """Tests (FT_DIST_PARAM_DIGEST): each rank's view of the gathered weights, written as they stream past."""
-    if not os.environ.get("FT_DIST_PARAM_DIGEST"):
-        yield from units
-        return
-    digest: Dict[str, Any] = {}
+def _observed(units: Any, out_dir: Path, rank: int) -> Any:
+    """The final model's units as they stream past, shown to the "final_unit" test seam (ft_dist/hooks.py)."""
     for unit in units:
-        digest.update({k: [float(v.double().sum()), float(v.double().norm())] for k, v in unit.items()})
+        hooks.fire("final_unit", unit=unit, rank=rank, out_dir=out_dir)
         yield unit
-    (out_dir / f"param_digest.rank{rank}.json").write_text(json.dumps(digest, sort_keys=True))
+    hooks.fire("final_units_done", rank=rank, out_dir=out_dir)
 
 
 def run(cfg: DictConfig) -> int:
@@ -65,11 +60,7 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
         atomic_write_text(out_dir / "config.yaml", config_yaml(cfg))
     dist.log(f"run dir: {out_dir}")
 
-    from ft_dist.checkpoint import find_resume_checkpoint
-
-    resume_from = find_resume_checkpoint(cfg.train.resume, out_dir)
-    if resume_from is not None:
-        check_resumable(cfg, resume_from, world)
+    checkpoints = CheckpointManager(cfg, out_dir, world)  # finds and checks the checkpoint to resume, if any
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_dataset(cfg.data, tokenizer)
     dist.log(data.summary())
@@ -88,7 +79,7 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
     tracker = Tracker(out_dir, cfg.logger, container)
     report: Dict[str, Any] = {"parameters": counts}
     before_file = out_dir / "before.json"
-    if cfg.eval.before_training and resume_from is not None and before_file.exists():
+    if cfg.eval.before_training and checkpoints.resume_from is not None and before_file.exists():
         report["before"] = json.loads(before_file.read_text())
     elif cfg.eval.before_training:
         model, synced = strategy.generation_model()
@@ -110,8 +101,7 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
     watchdog = (Watchdog(out_dir, world, cfg.train.hang_timeout_s, cfg.train.heartbeat_s)
                 if world.distributed and cfg.train.hang_timeout_s else None)
     try:
-        result = train_loop(cfg, strategy, data, tracker, tokenizer.pad_token_id, out_dir, resume_from=resume_from,
-                            config_fingerprint=config_fingerprint(cfg),
+        result = train_loop(cfg, strategy, data, tracker, tokenizer.pad_token_id, checkpoints,
                             extra_eval=sample_task_metric if cfg.eval.during_training else None, memory=memory,
                             **({"progress": watchdog.progress} if watchdog else {}))
     finally:
@@ -135,7 +125,7 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
     final = out_dir / "final"
     twin = spec.build(meta=True)  # structure, config and LoRA layers for the writer; no memory
     with memory.phase("final_save"):
-        save_final_model(_digesting(strategy.gathered_units(), out_dir, world.rank), twin, tokenizer, cfg, final,
+        save_final_model(_observed(strategy.gathered_units(), out_dir, world.rank), twin, tokenizer, cfg, final,
                          write=world.is_main, max_shard_bytes=int(cfg.train.max_shard_gb * 2**30))
     records = memory.gather()
     report["memory"] = {"per_rank": records}
