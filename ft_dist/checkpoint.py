@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from ft_dist import dist, hooks
 from ft_dist.atomic_io import atomic_dir, atomic_write_text  # noqa: F401  (re-exported for the commands)
+from ft_dist.config import ModelConfig, PeftConfig, RunConfig, TrainConfig
+from ft_dist.data.schema import DataConfig
 from ft_dist.errors import ConfigError
+from ft_dist.settings import identity
 from ft_dist.tracking import scrub_secrets
 
 MAX_SHARD_BYTES = 2 * 2**30
@@ -34,13 +37,13 @@ def config_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(scrub_secrets(OmegaConf.to_container(cfg, resolve=True))))
 
 
-def merge_on_save(cfg: Any) -> bool:
+def merge_on_save(cfg: RunConfig) -> bool:
     """A LoRA run writes the merged model with peft.merge_on_save, and always when the base was built from config
     (such a base exists nowhere else, so the adapter alone could not be used)."""
     return bool(cfg.peft.merge_on_save or cfg.model.from_config or cfg.model.name_or_path is None)
 
 
-def save_final_model(units: Any, twin: torch.nn.Module, tokenizer: Any, cfg: Any, target: Path, write: bool = True,
+def save_final_model(units: Any, twin: torch.nn.Module, tokenizer: Any, cfg: RunConfig, target: Path, write: bool = True,
                      max_shard_bytes: int = MAX_SHARD_BYTES) -> Optional[Path]:
     """Stream the model into an HF dir (sharded safetensors in the training dtype + tokenizer + ft_config.yaml).
 
@@ -216,7 +219,7 @@ def checkpoint_units(checkpoint: Path, twin: torch.nn.Module) -> Iterator[Dict[s
         del unit
 
 
-def export_checkpoint(run_cfg: Any, checkpoint: Path, target: Path, merge_lora: bool = True,
+def export_checkpoint(run_cfg: RunConfig, checkpoint: Path, target: Path, merge_lora: bool = True,
                       max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Turn a training checkpoint (any strategy, any world size) into an HF model dir that plain
     `AutoModelForCausalLM.from_pretrained` loads. One process; it holds one block and one shard at a time."""
@@ -232,26 +235,18 @@ def export_checkpoint(run_cfg: Any, checkpoint: Path, target: Path, merge_lora: 
     return out
 
 
-# Settings that may change between a checkpoint and its resume: batch layout (checked separately), cadence of
-# logging/eval/saving, and where things run. Everything else must match, or the resumed run is a different run.
-_RESUMABLE_CHANGES = {"micro_batch_size", "grad_accum", "resume", "resume_ignore_config", "save_every", "save_minutes",
-                      "keep_checkpoints", "max_shard_gb", "log_every", "eval_every", "eval_batches", "num_workers", "nonfinite_limit",
-                      "hang_timeout_s", "heartbeat_s"}
-
-
-def config_fingerprint(cfg: DictConfig) -> Dict[str, Any]:
-    """The flattened settings a checkpoint must agree with to be resumed exactly."""
+def config_fingerprint(cfg: RunConfig) -> Dict[str, Any]:
+    """The flattened settings a checkpoint must agree with to be resumed exactly: every field of model, data, peft
+    and train that identifies a run (a field's `identity=False` marks a label, a cadence or where things run;
+    ft_dist/settings.py)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     flat: Dict[str, Any] = {}
-    for group in ("model", "data", "peft", "train"):
-        for key, value in container[group].items():
-            if (group == "train" and key in _RESUMABLE_CHANGES) or (group == "data" and key == "cache_dir"):
-                continue
-            flat[f"{group}.{key}"] = value
+    for group, schema in (("model", ModelConfig), ("data", DataConfig), ("peft", PeftConfig), ("train", TrainConfig)):
+        flat.update({f"{group}.{k}": v for k, v in identity(schema, None, plain=container[group]).items()})
     return flat
 
 
-def check_resumable(cfg: DictConfig, path: Path, world: dist.World) -> None:
+def check_resumable(cfg: RunConfig, path: Path, world: dist.World) -> None:
     """Refuse, in one line naming what differs and what to pass, a checkpoint this run cannot continue exactly."""
     meta = read_meta(path)
     now, then = config_fingerprint(cfg), meta.get("config", {})
@@ -296,7 +291,7 @@ class CheckpointManager:
     Checkpoints are sharded: every rank writes and reads its own part (`save_checkpoint`, `load_checkpoint`).
     """
 
-    def __init__(self, cfg: Any, out_dir: Path, world: dist.World) -> None:
+    def __init__(self, cfg: RunConfig, out_dir: Path, world: dist.World) -> None:
         self.train, self.out_dir, self.world = cfg.train, Path(out_dir), world
         self.fingerprint = config_fingerprint(cfg)
         self.strategy_name = cfg.strategy.name

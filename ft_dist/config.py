@@ -1,8 +1,8 @@
-"""The typed config schema: one dataclass per Hydra group, registered in Hydra's ConfigStore.
+"""The typed config schema: one dataclass per Hydra group (registered by ft_dist/commands/schema.py).
 
 Hydra merges every YAML under `conf/` into these dataclasses, so a misspelt key or a value of the wrong type
-fails at composition time. `validate()` then checks the values that a type cannot express (ranges, choices,
-combinations) and raises `ConfigError` naming the dotted key. Nothing here imports torch: a bad command line
+fails at composition time. Each field declares its choices and range on itself (ft_dist/settings.py); `validate()`
+checks those, then the combinations, and raises `ConfigError` naming the dotted key. Nothing here imports torch: a bad command line
 must fail in well under a second, before any model or data is touched.
 """
 
@@ -10,13 +10,26 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 from omegaconf import MISSING
 
 from ft_dist.data.schema import DataConfig, validate_data
 from ft_dist.eval.schema import EvalConfig
 from ft_dist.errors import ConfigError
+from ft_dist.settings import check_fields, setting
+
+Attention = Literal["sdpa", "eager", "flash_attention_2"]
+Optimizer = Literal["adamw", "sgd"]
+Scheduler = Literal["cosine", "linear", "constant"]
+Precision = Literal["fp32", "bf16", "fp16"]
+StrategyName = Literal["single", "ddp", "fsdp", "deepspeed"]
+Backend = Literal["auto", "nccl", "gloo"]
+Offload = Literal["none", "cpu", "nvme"]
+PeftMethod = Literal["none", "lora"]
+LoggerName = Literal["none", "wandb"]
+LoggerMode = Literal["auto", "online", "offline"]
+Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclass
@@ -35,7 +48,7 @@ class ModelConfig:
     """Tokenizer dir/id; `embedded:char` is ft-dist's built-in tokenizer; None: same as `name_or_path`."""
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off unless you trust the repository."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = setting("sdpa", choices=Attention)
     """sdpa | eager | flash_attention_2."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more compute."""
@@ -45,52 +58,53 @@ class ModelConfig:
 class TrainConfig:
     """The optimisation schedule. Global batch = micro_batch_size x grad_accum x world size."""
 
-    optimizer: str = "adamw"
+    optimizer: str = setting("adamw", choices=Optimizer)
     """adamw | sgd."""
-    lr: float = 2e-5
-    weight_decay: float = 0.0
+    lr: float = setting(2e-5, positive=True)
+    weight_decay: float = setting(0.0, non_negative=True)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    scheduler: str = "cosine"
+    scheduler: str = setting("cosine", choices=Scheduler)
     """cosine | linear | constant, after linear warmup."""
-    warmup_steps: int = 0
+    warmup_steps: int = setting(0, non_negative=True)
     max_steps: int = -1
     """Optimizer steps; -1 derives them from `epochs`."""
-    epochs: float = 1.0
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
+    epochs: float = setting(1.0, positive=True)
+    # The batch layout may change on resume as long as the global batch stays (checked on its own).
+    micro_batch_size: int = setting(8, positive=True, identity=False)
+    grad_accum: int = setting(1, positive=True, identity=False)
+    max_grad_norm: float = setting(1.0, non_negative=True)
     """Clip the global gradient norm; 0 disables clipping."""
-    precision: str = "fp32"
+    precision: str = setting("fp32", choices=Precision)
     """fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)."""
-    log_every: int = 10
-    eval_every: int = 0
+    log_every: int = setting(10, positive=True, identity=False)
+    eval_every: int = setting(0, non_negative=True, identity=False)
     """Eval loss every N steps (0: only at the end)."""
-    eval_batches: int = 0
+    eval_batches: int = setting(0, non_negative=True, identity=False)
     """Batches of the test split per periodic eval (0: all)."""
-    save_every: int = 0
+    save_every: int = setting(0, non_negative=True, identity=False)
     """Checkpoint every N steps (0: off)."""
-    save_minutes: float = 0.0
+    save_minutes: float = setting(0.0, non_negative=True, identity=False)
     """Also checkpoint when this many minutes passed since the last one (0: off)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = setting(2, identity=False)
     """Keep the newest K complete checkpoints."""
-    max_shard_gb: float = 2.0
+    max_shard_gb: float = setting(2.0, positive=True, identity=False)
     """Largest safetensors file of the final HF model; the saving rank holds one such shard at a time."""
-    resume: Optional[str] = "auto"
+    resume: Optional[str] = setting("auto", identity=False)
     """auto: continue from the newest complete checkpoint in output_dir (fresh start if none) | a path | null."""
-    resume_ignore_config: bool = False
+    resume_ignore_config: bool = setting(False, identity=False)
     """Resume even though the checkpoint's config differs from this run's (the differences are still printed)."""
-    nonfinite_limit: int = 3
+    nonfinite_limit: int = setting(3, identity=False)
     """Skip steps whose loss or gradient is NaN/Inf; stop (exit 3) after this many in a row."""
-    hang_timeout_s: float = 900.0
+    hang_timeout_s: float = setting(900.0, non_negative=True, identity=False)
     """Multi-process runs: when a rank makes no progress for this long during training, name it, dump every rank's
     stack into output_dir/heartbeat/ and exit 86 so the job restarts from its last checkpoint (0: off). Keep it
     above the longest step, eval or checkpoint save, and well under the scheduler's time limit."""
-    heartbeat_s: float = 10.0
+    heartbeat_s: float = setting(10.0, positive=True, identity=False)
     """How often each rank writes its heartbeat (and rank 0 checks them)."""
     seed: int = 42
-    num_workers: int = 0
+    num_workers: int = setting(0, non_negative=True, identity=False)
     """DataLoader worker processes."""
 
 
@@ -98,14 +112,14 @@ class TrainConfig:
 class StrategyConfig:
     """How the model is placed on devices. The loop never branches on this; ft_dist/strategies does."""
 
-    name: str = "single"
+    name: str = setting("single", choices=StrategyName)
     """single | ddp | fsdp | deepspeed."""
-    backend: str = "auto"
+    backend: str = setting("auto", choices=Backend)
     """Process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo."""
-    zero_stage: int = 0
-    offload_optimizer: str = "none"
+    zero_stage: int = setting(0, non_negative=True)
+    offload_optimizer: str = setting("none", choices=Offload)
     """none | cpu (DeepSpeed). nvme is refused: sharded checkpoints need the states in memory."""
-    offload_params: str = "none"
+    offload_params: str = setting("none", choices=Offload)
     nvme_path: Optional[str] = None
     cpu_offload: bool = False
     """FSDP2: keep sharded parameters on the CPU."""
@@ -116,10 +130,10 @@ class StrategyConfig:
 class PeftConfig:
     """Parameter-efficient finetuning (PEFT's LoRA). method=none trains every weight."""
 
-    method: str = "none"
+    method: str = setting("none", choices=PeftMethod)
     """none | lora."""
-    r: int = 16
-    alpha: int = 32
+    r: int = setting(16, positive=True)
+    alpha: int = setting(32, positive=True)
     dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
     seed: int = 1234
@@ -132,12 +146,12 @@ class PeftConfig:
 class LoggerConfig:
     """Where metrics go besides stdout and metrics.jsonl."""
 
-    name: str = "none"
+    name: str = setting("none", choices=LoggerName)
     """none | wandb."""
     project: str = "ft-dist"
     entity: Optional[str] = None
     group: Optional[str] = None
-    mode: str = "auto"
+    mode: str = setting("auto", choices=LoggerMode)
     """auto (online only with WANDB_API_KEY, else offline) | online | offline."""
     tags: List[str] = field(default_factory=list)
 
@@ -147,7 +161,7 @@ class DryRunConfig:
     """Check a cluster job on one CPU before booking it: the same config and strategy code, on fake tensors and a
     fake process group, as rank 0 of `world_size` ranks (ft_dist/dry_run.py)."""
 
-    world_size: int = 0
+    world_size: int = setting(0, non_negative=True)
     """Ranks to simulate, e.g. 64 for 8 nodes x 8 GPUs; 0 runs the job for real."""
     gpus_per_node: int = 8
     """GPUs per node of the simulated cluster (the planner's nodes = world_size / gpus_per_node)."""
@@ -172,59 +186,14 @@ class RunConfig:
     dry_run: DryRunConfig = field(default_factory=DryRunConfig)
     output_dir: str = MISSING
     """The run directory: config.yaml, metrics.jsonl, checkpoints/, final/."""
-    device: str = "auto"
+    device: str = setting("auto", choices=Device)
     """auto | cpu | cuda."""
 
 
-_CHOICES: Dict[str, tuple] = {
-    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "train.optimizer": ("adamw", "sgd"),
-    "train.scheduler": ("cosine", "linear", "constant"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "strategy.name": ("single", "ddp", "fsdp", "deepspeed"),
-    "strategy.backend": ("auto", "nccl", "gloo"),
-    "strategy.offload_optimizer": ("none", "cpu", "nvme"),
-    "strategy.offload_params": ("none", "cpu", "nvme"),
-    "peft.method": ("none", "lora"),
-    "logger.name": ("none", "wandb"),
-    "logger.mode": ("auto", "online", "offline"),
-    "device": ("auto", "cpu", "cuda"),
-}
-
-_POSITIVE = (
-    "train.micro_batch_size", "train.grad_accum", "train.lr", "train.epochs", "train.max_shard_gb",
-    "train.log_every", "eval.max_new_tokens", "eval.batch_size", "peft.r", "peft.alpha", "train.heartbeat_s",
-)
-_NON_NEGATIVE = (
-    "train.weight_decay", "train.warmup_steps", "train.max_grad_norm", "train.eval_every", "train.eval_batches",
-    "train.save_every", "train.num_workers", "train.save_minutes", "eval.max_examples", "strategy.zero_stage",
-    "dry_run.world_size", "train.hang_timeout_s",
-)
-
-
-def _get(cfg: Any, dotted: str) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part, None)
-        if node is None:
-            return None
-    return node
-
-
-def validate(cfg: Any) -> None:
-    """Check what types cannot: choices, ranges and combinations. Raises ConfigError naming the key."""
-    for key, choices in _CHOICES.items():
-        value = _get(cfg, key)
-        if value is not None and value not in choices:
-            raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
-    for key in _POSITIVE:
-        value = _get(cfg, key)
-        if value is not None and not value > 0:
-            raise ConfigError(key, f"expected a value > 0, got {value!r}")
-    for key in _NON_NEGATIVE:
-        value = _get(cfg, key)
-        if value is not None and value < 0:
-            raise ConfigError(key, f"expected a value >= 0, got {value!r}")
+def validate(cfg: RunConfig) -> None:
+    """Check what types cannot: the fields' declared choices and ranges, then combinations. Raises ConfigError
+    naming the key. Works for every command schema built on RunConfig."""
+    check_fields(RunConfig, cfg)
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError("train.keep_checkpoints", f"expected >= 1, got {cfg.train.keep_checkpoints}")
     if cfg.train.nonfinite_limit < 1:
@@ -263,7 +232,7 @@ def validate(cfg: Any) -> None:
         validate_dry_run(cfg)
 
 
-def validate_launched(cfg: Any) -> None:
+def validate_launched(cfg: RunConfig) -> None:
     """ft-train's pre-flight: `validate`, and the strategy against the processes that were launched, so a mismatch
     is one line before any data or model work (not a traceback after data preparation)."""
     validate(cfg)
@@ -281,7 +250,7 @@ def single_needs_one_process(world_size: int) -> str:
             "strategy=ddp, fsdp or a zero stage, or launch one process")
 
 
-def validate_dry_run(cfg: Any) -> None:
+def validate_dry_run(cfg: RunConfig) -> None:
     """What a dry run can simulate, refused in one line before anything is built."""
     dr, sc = cfg.dry_run, cfg.strategy
     if dr.world_size < 2:

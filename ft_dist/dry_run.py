@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 
 from ft_dist import dist
 from ft_dist.atomic_io import atomic_write_text
+from ft_dist.config import RunConfig
 
 GIB = 2**30
 
@@ -87,7 +88,7 @@ def _local_bytes(tensors: Any) -> int:
     return total
 
 
-def _batch(cfg: Any, vocab: int) -> Dict[str, torch.Tensor]:
+def _batch(cfg: RunConfig, vocab: int) -> Dict[str, torch.Tensor]:
     """One micro-batch of the configured shape with every row full (the most tokens a step can hold): packed rows
     carry position_ids, as the loop's collate builds them; unpacked full rows need no padding mask, so attention
     takes the causal kernel path a GPU run takes (a CPU trace of a padding mask would fall back to materialising
@@ -123,7 +124,7 @@ def _fake_process_group(world_size: int) -> Iterator[dist.World]:
                 os.environ[k] = v
 
 
-def planner_setup(cfg: Any) -> Any:
+def planner_setup(cfg: RunConfig) -> Any:
     """The planner's TrainingSetup for exactly this run (tensor bytes only: device=cpu, no CUDA terms)."""
     from ft_dist.planner.workload import TrainingSetup
 
@@ -138,7 +139,7 @@ def planner_setup(cfg: Any) -> Any:
                          attention=cfg.model.attn_implementation, device="cpu")
 
 
-def simulate(cfg: Any) -> Dict[str, Any]:
+def simulate(cfg: RunConfig) -> Dict[str, Any]:
     """Build, train `dry_run.steps` steps and run the save path of the configured job as rank 0; the report."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -162,7 +163,7 @@ def simulate(cfg: Any) -> Dict[str, Any]:
     with _fake_process_group(cfg.dry_run.world_size) as world, _deepspeed_on_fake_tensors(not real):
         dist.device_mesh("cpu")  # outside FakeTensorMode, where creating a mesh cannot run
         fake = contextlib.nullcontext() if real else FakeTensorMode(allow_non_fake_inputs=True)
-        strategy = build_strategy(cfg, world)
+        strategy = build_strategy(cfg.strategy, cfg.train, world)
         strategy.fake_mode = fake
         spec = ModelSpec(model_cfg, cfg.peft, None, seed=cfg.train.seed)
         strategy.setup(spec, lambda params: build_optimizer(params, cfg.train))
@@ -177,7 +178,7 @@ def simulate(cfg: Any) -> Dict[str, Any]:
     return report
 
 
-def _strategy_name(cfg: Any) -> str:
+def _strategy_name(cfg: RunConfig) -> str:
     return "fsdp" if cfg.strategy.name == "fsdp" else f"zero{cfg.strategy.zero_stage}"
 
 
@@ -200,7 +201,7 @@ def _is_fsdp(strategy: Any) -> bool:
     return hasattr(strategy, "root")
 
 
-def _train_steps(cfg: Any, strategy: Any, world: dist.World, real: bool, report: Dict[str, Any]) -> None:
+def _train_steps(cfg: RunConfig, strategy: Any, world: dist.World, real: bool, report: Dict[str, Any]) -> None:
     """The loop's forward/backward on full batches of the configured shape, then the strategy's optimizer step."""
     from torch.distributed.tensor.debug import CommDebugMode
 
@@ -315,7 +316,7 @@ def _state_bytes(obj: Any) -> int:
     return 0
 
 
-def _planner_side(cfg: Any, report: Dict[str, Any]) -> Dict[str, Any]:
+def _planner_side(cfg: RunConfig, report: Dict[str, Any]) -> Dict[str, Any]:
     """The planner's figures for the same config, and the differences, each with its reason."""
     from ft_dist.planner.activations import activation_phases
     from ft_dist.planner.memory import estimate_memory, model_states
@@ -400,7 +401,7 @@ def format_report(r: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: Any) -> int:
+def run(cfg: RunConfig) -> int:
     """`ft-train ... dry_run.world_size=N`: simulate, print, and write dry_run.json in the output dir."""
     report = simulate(cfg)
     out = Path(cfg.output_dir)

@@ -13,12 +13,13 @@ import math
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from ft_dist import dist, hooks
 from ft_dist.checkpoint import CHECKPOINTS, CheckpointManager
+from ft_dist.config import TrainConfig
 from ft_dist.data.batching import GlobalBatchSampler, collate, count_real_tokens, examples_from_rows, to_device
 from ft_dist.data.prepare import PreparedData
 from ft_dist.errors import TrainingDiverged
@@ -41,7 +42,7 @@ class LoopResult:
     tokens: int = 0
 
 
-def total_steps(train_cfg: Any, steps_per_epoch: int) -> int:
+def total_steps(train_cfg: TrainConfig, steps_per_epoch: int) -> int:
     if train_cfg.max_steps > 0:
         return int(train_cfg.max_steps)
     return max(1, math.ceil(train_cfg.epochs * steps_per_epoch))
@@ -73,18 +74,17 @@ def forward_backward(strategy: Strategy, batches: List[Dict[str, torch.Tensor]],
     return total
 
 
-def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracker, pad_id: int,
+def train_loop(tc: TrainConfig, eval_batch_size: int, strategy: Strategy, data: PreparedData, tracker: Tracker, pad_id: int,
                checkpoints: CheckpointManager, extra_eval: Optional[Callable[[], Dict[str, float]]] = None,
                memory: Optional[PhaseMemory] = None,
                progress: Callable[..., None] = lambda phase, step=None: None) -> LoopResult:
-    """Train for the configured steps; `extra_eval` adds metrics (e.g. a generation sample) at each periodic eval.
+    """Train for `tc`'s steps (eval batches of `eval_batch_size`); `extra_eval` adds metrics (e.g. a generation sample) at each periodic eval.
 
     `memory` records the peak of each phase (train steps, eval, save, resume) on this rank; `progress(phase, step)`
     is told where the rank is between units of work (the hang watchdog's heartbeat). `checkpoints` resumes the
     run and decides when to save: every `train.save_every` steps / `train.save_minutes` minutes, and at the first
     step boundary after a preemption signal on any rank, after which the result says `preempted` (exit 85).
     """
-    tc = cfg.train
     world = strategy.world
     sampler = GlobalBatchSampler(len(data.train), tc.micro_batch_size, tc.grad_accum, world.size, world.rank, tc.seed)
     steps = total_steps(tc, sampler.steps_per_epoch)
@@ -161,7 +161,7 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
         if (tc.eval_every and done % tc.eval_every == 0) or done == steps:
             progress("eval", done)
             with memory.phase("eval"):
-                ev = evaluate_loss(strategy, data.test, pad_id, cfg.eval.batch_size, tc.eval_batches if done != steps else 0)
+                ev = evaluate_loss(strategy, data.test, pad_id, eval_batch_size, tc.eval_batches if done != steps else 0)
                 if extra_eval is not None and done != steps:
                     ev.update(extra_eval())
             ev["step"] = done
@@ -175,7 +175,7 @@ def train_loop(cfg: Any, strategy: Strategy, data: PreparedData, tracker: Tracke
             break
     if start_step >= steps:  # resumed a run that had already finished: just report where it stands
         with memory.phase("eval"):
-            ev = evaluate_loss(strategy, data.test, pad_id, cfg.eval.batch_size)
+            ev = evaluate_loss(strategy, data.test, pad_id, eval_batch_size)
         result.eval_history.append({**ev, "step": steps})
     result.seconds = time.time() - start
     return result

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ft_dist.errors import ConfigError
+from ft_dist.config import ModelConfig, PeftConfig
 
 CHAR_TOKENIZER = "embedded:char"
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
@@ -40,7 +41,7 @@ def build_char_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def load_tokenizer(model_cfg: Any, path: Optional[str] = None) -> Any:
+def load_tokenizer(model_cfg: ModelConfig, path: Optional[str] = None) -> Any:
     """The tokenizer for `model_cfg` (or a saved model dir `path`), with EOS and pad tokens guaranteed."""
     from transformers import AutoTokenizer
 
@@ -64,7 +65,7 @@ def load_tokenizer(model_cfg: Any, path: Optional[str] = None) -> Any:
     return tok
 
 
-def architecture_config(model_cfg: Any) -> Any:
+def architecture_config(model_cfg: ModelConfig) -> Any:
     """The HF PretrainedConfig described by `model.arch` (no download)."""
     from omegaconf import OmegaConf
     from transformers import AutoConfig
@@ -77,7 +78,7 @@ def architecture_config(model_cfg: Any) -> Any:
         raise ConfigError("model.arch.model_type", str(err).splitlines()[0])
 
 
-def build_model(model_cfg: Any, tokenizer: Any, path: Optional[str] = None, dtype: torch.dtype = torch.float32,
+def build_model(model_cfg: ModelConfig, tokenizer: Any, path: Optional[str] = None, dtype: torch.dtype = torch.float32,
                 meta: bool = False, init: bool = True) -> nn.Module:
     """A causal LM: from a saved dir `path`, from pretrained `name_or_path`, or random init from `arch`.
 
@@ -120,14 +121,14 @@ def build_model(model_cfg: Any, tokenizer: Any, path: Optional[str] = None, dtyp
     return model
 
 
-def _load_adapter_model(model_cfg: Any, tokenizer: Any, path: str, dtype: torch.dtype) -> nn.Module:
+def _load_adapter_model(model_cfg: ModelConfig, tokenizer: Any, path: str, dtype: torch.dtype) -> nn.Module:
     from peft import PeftModel
 
     base = build_model(model_cfg, tokenizer, dtype=dtype)
     return PeftModel.from_pretrained(base, path)
 
 
-def apply_peft(model: nn.Module, peft_cfg: Any) -> nn.Module:
+def apply_peft(model: nn.Module, peft_cfg: PeftConfig) -> nn.Module:
     """Wrap with LoRA adapters (PEFT); the base weights freeze. method=none returns the model unchanged.
 
     Each adapter is initialised from a seed derived from `peft.seed` and its module name (see seed_adapters), so
@@ -219,7 +220,7 @@ def initial_values(twin: nn.Module, seed: int, adapter_seed: int, adapters_only:
 class ModelSpec:
     """What a strategy needs to build the run's model its own way: structure, weights source, seeds."""
 
-    model_cfg: Any
+    model_cfg: ModelConfig
     peft_cfg: Optional[Any]
     """None: no adapters (evaluating a saved model, which is merged or carries its own adapter)."""
     tokenizer: Any

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
+from ft_dist.config import TrainConfig
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: Any) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: TrainConfig) -> torch.optim.Optimizer:
     params = list(params)
     if train_cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=train_cfg.lr, momentum=0.9, weight_decay=train_cfg.weight_decay)
@@ -29,6 +30,6 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str) -> 
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: Any, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, total_steps, train_cfg.warmup_steps, train_cfg.scheduler))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ft_dist import dist
+from ft_dist.config import LoggerConfig
 
 # Keys like wandb_api_key, hf_token, password (but not tokenizer or max_new_tokens).
 SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|password|credentials?)$", re.IGNORECASE)
@@ -41,7 +42,7 @@ def _last_time(path: Path) -> float:
 class Tracker:
     """Logs metrics to metrics.jsonl (+ W&B) and drives the progress bar, on rank 0; a no-op elsewhere."""
 
-    def __init__(self, output_dir: Path, logger_cfg: Any, config: Dict[str, Any]):
+    def __init__(self, output_dir: Path, logger_cfg: LoggerConfig, config: Dict[str, Any]):
         self.active = dist.is_main()
         self.bar = None
         self.wandb_run = None
@@ -113,7 +114,7 @@ class Tracker:
                 dist.log(f"warning: W&B finish failed: {err}")
 
 
-def _start_wandb(output_dir: Path, logger_cfg: Any, config: Dict[str, Any]) -> Optional[Any]:
+def _start_wandb(output_dir: Path, logger_cfg: LoggerConfig, config: Dict[str, Any]) -> Optional[Any]:
     mode = logger_cfg.mode
     if mode == "auto":
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"

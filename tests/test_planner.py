@@ -186,7 +186,7 @@ def test_planned_deepspeed_buckets_are_the_ones_ft_dist_configures(strategy):
     from ft_dist.strategies.deepspeed import deepspeed_config
 
     cfg = compose(["model=llama-2-7b", f"strategy={strategy}"])
-    zero = deepspeed_config(cfg, world_size=8, on_gpu=True, hidden=4096)["zero_optimization"]
+    zero = deepspeed_config(cfg.strategy, cfg.train, world_size=8, on_gpu=True, hidden=4096)["zero_optimization"]
     planned = ds_buckets(4096)
     assert zero["reduce_bucket_size"] == planned["reduce"] and zero["allgather_bucket_size"] == planned["allgather"]
     if strategy == "zero3":  # on GPUs; on CPU ft-dist turns prefetching off

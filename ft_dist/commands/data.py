@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -13,9 +12,10 @@ from ft_dist import dist
 from ft_dist.data.prepare import prepare_dataset
 from ft_dist.eval.data_report import flag_responses, plot_lengths, render_text, show_text
 from ft_dist.models import load_tokenizer
+from ft_dist.commands.schema import DataReportConfig
 
 
-def run(cfg: Any) -> int:
+def run(cfg: DataReportConfig) -> int:
     """Entry point of `ft-data` (action=report or show)."""
     out = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model)

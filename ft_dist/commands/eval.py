@@ -17,9 +17,8 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, List, Optional, Set, Tuple
+from typing import List, Optional, Set, Tuple
 
-from omegaconf import DictConfig
 
 from ft_dist import dist
 from ft_dist.checkpoint import atomic_write_text
@@ -34,6 +33,7 @@ from ft_dist.eval.schema import BASE
 from ft_dist.eval.suite import ModelResult, evaluate_model, vocabulary_of
 from ft_dist.models import build_model, load_tokenizer
 from ft_dist.runtime import resolve_output_dir, seed_everything
+from ft_dist.eval.run_schema import EvalRunConfig, GenerateRunConfig
 
 FINETUNED = "finetuned"
 
@@ -54,7 +54,7 @@ def _label(path: str) -> str:
     return p.parent.name if p.name == "final" else p.name
 
 
-def models_to_evaluate(cfg: Any) -> List[Tuple[str, Optional[str]]]:
+def models_to_evaluate(cfg: EvalRunConfig) -> List[Tuple[str, Optional[str]]]:
     """(name, model dir or None for the base) of every model the mode evaluates, the baseline first."""
     if cfg.mode == "compare":
         entries = list(cfg.checkpoints) or [BASE, cfg.checkpoint]
@@ -107,7 +107,7 @@ def _mc_table(results: List[ModelResult]) -> str:
     return compare.format_table(rows)
 
 
-def report(cfg: Any, results: List[ModelResult], vocabulary: Optional[Set[str]], out_dir: Path) -> None:
+def report(cfg: EvalRunConfig, results: List[ModelResult], vocabulary: Optional[Set[str]], out_dir: Path) -> None:
     """Print the mode's table and write compare.json / compare.md for mode=compare (rank 0)."""
     if cfg.mode == "compare":
         judge = compare.f1_judge if cfg.judge == "f1" else None
@@ -136,7 +136,7 @@ def report(cfg: Any, results: List[ModelResult], vocabulary: Optional[Set[str]],
     dist.log(f"results: {out_dir / 'eval.json'}")
 
 
-def run(cfg: DictConfig) -> int:
+def run(cfg: EvalRunConfig) -> int:
     validate_eval_run(cfg)
     world = dist.init(cfg.device, cfg.strategy.backend)
     try:
@@ -158,7 +158,7 @@ def run(cfg: DictConfig) -> int:
         dist.close()
 
 
-def generate(cfg: DictConfig) -> int:
+def generate(cfg: GenerateRunConfig) -> int:
     world = dist.init(cfg.device, cfg.strategy.backend)
     try:
         path = _checkpoint_dir(cfg.checkpoint) if cfg.checkpoint else None

@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from ft_dist import dist
 from ft_dist.checkpoint import CHECKPOINTS, export_checkpoint, find_resume_checkpoint
 from ft_dist.errors import ConfigError
 from ft_dist.phase_memory import PhaseMemory
+from ft_dist.commands.schema import ExportConfig
 
 
-def run(cfg: DictConfig) -> int:
+def run(cfg: ExportConfig) -> int:
     checkpoint = find_resume_checkpoint(cfg.checkpoint, Path("."), key="checkpoint")
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
     if run_dir is None or not (run_dir / "config.yaml").exists():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from omegaconf import OmegaConf
 
@@ -14,9 +14,10 @@ from ft_dist.planner.memory import GIB, GpuOverhead
 from ft_dist.planner.recommend import SearchSpace
 from ft_dist.planner.report import candidates_text, naive_text, write_chart, write_plan_files
 from ft_dist.planner.workload import TrainingSetup
+from ft_dist.commands.schema import PlanRunConfig
 
 
-def run(cfg: Any) -> Optional[int]:
+def run(cfg: PlanRunConfig) -> Optional[int]:
     p = cfg.plan
     catalog = load_catalog(p.catalog)
     arch_dict = OmegaConf.to_container(cfg.model.arch, resolve=True)

@@ -19,49 +19,11 @@ from ft_dist.cluster.schema import ClusterConfig
 from ft_dist.config import ModelConfig, RunConfig, validate
 from ft_dist.data.schema import DataConfig, validate_data
 from ft_dist.errors import ConfigError
-from ft_dist.eval.schema import JUDGES, MODES
-from ft_dist.planner.schema import PLAN_CHOICES, PlanConfig
+from ft_dist.eval.run_schema import EvalRunConfig, GenerateRunConfig
+from ft_dist.planner.schema import PlanConfig
+from ft_dist.settings import check_fields, setting
 
 # ft-train's schema is ft_dist.config.RunConfig.
-
-
-@dataclass
-class EvalRunConfig(RunConfig):
-    """`ft-eval`: score models (the base, a finetuned `checkpoint`, or several `checkpoints`) on the test split."""
-
-    mode: str = "eval"
-    """eval: loss, perplexity, generation metrics and error analysis, base vs finetuned (before/after).
-    compare: the same for every model in `checkpoints`, one table with deltas, error counts and win rates.
-    mc: only the multiple-choice benchmarks (`mc_tasks`, `mc_file`)."""
-    checkpoint: Optional[str] = None
-    """A finetuned model directory (a run dir or its final/); None evaluates the base model."""
-    compare_base: bool = True
-    """With a checkpoint, also evaluate the base model and print before/after."""
-    checkpoints: List[str] = field(default_factory=list)
-    """Models to compare (mode=compare): `base` and/or model/run directories; the first is the baseline of the
-    deltas. Empty: [base, checkpoint]."""
-    mc_tasks: List[str] = field(default_factory=list)
-    """lm-eval task names (arc_easy, hellaswag, mmlu, truthfulqa_mc2, ...); their data comes from the HF hub."""
-    mc_file: Optional[str] = None
-    """A local multiple-choice JSONL of {question, choices, answer}, run as an lm-eval task (and instead of
-    `mc_tasks` when their data is out of reach)."""
-    mc_limit: Optional[int] = None
-    """Score at most N items per multiple-choice task (None: all)."""
-    mc_batch_size: int = 8
-    judge: str = "f1"
-    """Pairwise preference judge for compare's win rates and Elo: f1 (higher token-F1 wins) | none."""
-    error_analysis: bool = True
-    """Tag each generated answer with error categories; write errors-<model>.jsonl and .md."""
-    worst_examples: int = 20
-    """Examples shown in the Markdown error report, worst first."""
-
-@dataclass
-class GenerateRunConfig(RunConfig):
-    """`ft-generate`: answer prompts with a model through the data config's template."""
-
-    checkpoint: Optional[str] = None
-    prompt: Optional[str] = None
-    """One prompt; None reads prompts from stdin, one per line."""
 
 
 @dataclass
@@ -71,7 +33,7 @@ class DataReportConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Only the tokenizer is used."""
     data: DataConfig = field(default_factory=DataConfig)
-    action: str = "report"
+    action: str = setting("report", choices=("report", "show"))
     """report (counts, lengths, flags) or show (examples with the tokens that get loss marked); `ft-data
     report|show data=...` sets it from the leading word."""
     output_dir: str = MISSING
@@ -133,13 +95,10 @@ def register_configs() -> None:
     cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
 
 
-def validate_eval_run(cfg: Any) -> None:
+def validate_eval_run(cfg: EvalRunConfig) -> None:
     """ft-eval's own checks, on top of `ft_dist.config.validate`; raises ConfigError naming the key."""
     validate(cfg)
-    if cfg.mode not in MODES:
-        raise ConfigError("mode", f"expected one of {', '.join(MODES)}, got {cfg.mode!r}")
-    if cfg.judge not in JUDGES:
-        raise ConfigError("judge", f"expected one of {', '.join(JUDGES)}, got {cfg.judge!r}")
+    check_fields(EvalRunConfig, cfg)
     if cfg.mode == "compare" and len(cfg.checkpoints) < 2 and not (cfg.checkpoint and not cfg.checkpoints):
         raise ConfigError("checkpoints", "mode=compare needs two or more models, e.g. checkpoints=[base,runs/X]")
     if cfg.mode == "mc" and not cfg.mc_tasks and not cfg.mc_file:
@@ -154,10 +113,9 @@ def validate_eval_run(cfg: Any) -> None:
         raise ConfigError("worst_examples", f"expected a value >= 0, got {cfg.worst_examples}")
 
 
-def validate_data_run(cfg: Any) -> None:
+def validate_data_run(cfg: DataReportConfig) -> None:
     """Pre-flight checks of `ft-data` (conf/data.yaml)."""
-    if cfg.action not in ("report", "show"):
-        raise ConfigError("action", f"expected report or show, got {cfg.action!r}")
+    check_fields(DataReportConfig, cfg)
     if cfg.show_examples < 1:
         raise ConfigError("show_examples", f"expected >= 1, got {cfg.show_examples}")
     if cfg.model.tokenizer is None and cfg.model.name_or_path is None:
@@ -165,22 +123,12 @@ def validate_data_run(cfg: Any) -> None:
     validate_data(cfg.data)
 
 
-def validate_plan(cfg: Any) -> None:
+def validate_plan(cfg: PlanRunConfig) -> None:
     """Value checks beyond types; raise ConfigError naming the key. Cheap: runs before any heavy import."""
     plan = cfg.plan
-    for key, choices in PLAN_CHOICES.items():
-        value = getattr(plan, key)
-        if value is not None and value not in choices:
-            raise ConfigError(f"plan.{key}", f"expected one of {', '.join(choices)}, got {value!r}")
-    if not plan.tokens > 0:
+    if not plan.tokens > 0:  # the default: say what the number is
         raise ConfigError("plan.tokens", f"expected the dataset's token count (> 0), got {plan.tokens}")
-    for key in ("epochs", "seq_len", "lora_rank", "global_batch", "top"):
-        if not getattr(plan, key) > 0:
-            raise ConfigError(f"plan.{key}", f"expected a value > 0, got {getattr(plan, key)}")
-    for key in ("nodes", "micro_batch", "deadline_hours", "budget_usd"):
-        value = getattr(plan, key)
-        if value is not None and not value > 0:
-            raise ConfigError(f"plan.{key}", f"expected a value > 0 or null, got {value}")
+    check_fields(PlanConfig, plan, "plan.")
     if not 0 <= plan.headroom < 1:
         raise ConfigError("plan.headroom", f"expected a share in [0, 1), got {plan.headroom}")
     if "model_type" not in cfg.model.arch:

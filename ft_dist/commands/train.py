@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from ft_dist import EXIT_REQUEUE, dist, hooks
 from ft_dist.checkpoint import CheckpointManager, atomic_write_text, config_yaml, save_final_model
@@ -24,6 +24,7 @@ from ft_dist.runtime import resolve_output_dir, seed_everything
 from ft_dist.strategies import build_strategy
 from ft_dist.tracking import Tracker, scrub_secrets
 from ft_dist.watchdog import Watchdog
+from ft_dist.config import RunConfig
 
 
 def _observed(units: Any, out_dir: Path, rank: int) -> Any:
@@ -34,7 +35,7 @@ def _observed(units: Any, out_dir: Path, rank: int) -> Any:
     hooks.fire("final_units_done", rank=rank, out_dir=out_dir)
 
 
-def run(cfg: DictConfig) -> int:
+def run(cfg: RunConfig) -> int:
     if cfg.dry_run.world_size:  # simulate the cluster job in this process (fake tensors, fake process group)
         from ft_dist import dry_run
 
@@ -53,7 +54,7 @@ def run(cfg: DictConfig) -> int:
     return code
 
 
-def _train(cfg: DictConfig, world: dist.World) -> int:
+def _train(cfg: RunConfig, world: dist.World) -> int:
     out_dir = resolve_output_dir(cfg)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +66,7 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
     data = prepare_dataset(cfg.data, tokenizer)
     dist.log(data.summary())
 
-    strategy = build_strategy(cfg, world)
+    strategy = build_strategy(cfg.strategy, cfg.train, world)
     memory = PhaseMemory(world.device)
     spec = ModelSpec(cfg.model, cfg.peft, tokenizer, seed=cfg.train.seed)
     seed_everything(cfg.train.seed)  # same random init on every rank and in every run
@@ -101,7 +102,7 @@ def _train(cfg: DictConfig, world: dist.World) -> int:
     watchdog = (Watchdog(out_dir, world, cfg.train.hang_timeout_s, cfg.train.heartbeat_s)
                 if world.distributed and cfg.train.hang_timeout_s else None)
     try:
-        result = train_loop(cfg, strategy, data, tracker, tokenizer.pad_token_id, checkpoints,
+        result = train_loop(cfg.train, cfg.eval.batch_size, strategy, data, tracker, tokenizer.pad_token_id, checkpoints,
                             extra_eval=sample_task_metric if cfg.eval.during_training else None, memory=memory,
                             **({"progress": watchdog.progress} if watchdog else {}))
     finally:

@@ -28,15 +28,14 @@ from ft_dist.atomic_io import temp_dir
 from ft_dist.data.mix import weighted_indices
 from ft_dist.data.pack import pack_batch, packing_efficiency
 from ft_dist.data.sources import EMPTY, OK, SKIPPED, configured_sources, content_fingerprint, iter_records, record_features
+from ft_dist.data.schema import DataConfig
 from ft_dist.data.split import add_keys, first_occurrences, overlap, split_train_test
 from ft_dist.data.templates import chat_template_for
 from ft_dist.data.tokenize import EncodeSettings, encode_batch
 from ft_dist.errors import DataError, UserError
+from ft_dist.settings import identity
 
 CACHE_VERSION = 2
-_SETTINGS = ("prompt_field", "response_field", "context_field", "messages_field", "system_prompt", "template",
-             "train_on_prompt", "max_seq_len", "truncation_side", "overlong", "packing", "pack_window", "dedup",
-             "drop_empty", "on_error", "test_size", "split_seed", "limit", "hf_split", "hf_revision")
 _INTERNAL = ("messages", "status", "error", "key", "keep")
 HISTOGRAM_BINS = 20
 
@@ -70,8 +69,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(state.encode()).hexdigest()
 
 
-def cache_key(data_cfg: Any, tokenizer: Any) -> str:
-    settings = {k: getattr(data_cfg, k) for k in _SETTINGS}
+def cache_key(data_cfg: DataConfig, tokenizer: Any) -> str:
+    # Every field that identifies the prepared data (ft_dist/settings.py), except where the records come from:
+    # those enter below as each source's settings and its content's fingerprint.
+    settings = identity(DataConfig, data_cfg, skip=("path", "sources"))
     sources = [dataclasses.asdict(s) for s in configured_sources(data_cfg)]
     blob = json.dumps([CACHE_VERSION, content_fingerprint(data_cfg), tokenizer_fingerprint(tokenizer), settings, sources],
                       sort_keys=True, default=str)
@@ -98,7 +99,7 @@ def _user_error(err: BaseException) -> UserError | None:
     return None
 
 
-def _read(data_cfg: Any, work: Path, key: str) -> Any:
+def _read(data_cfg: DataConfig, work: Path, key: str) -> Any:
     from datasets import Dataset
 
     try:
@@ -123,7 +124,7 @@ def _length_summary(lengths: np.ndarray, max_seq_len: int) -> Dict[str, Any]:
             "histogram": {"edges": [int(e) for e in edges], "counts": counts.tolist(), "max_seq_len": max_seq_len}}
 
 
-def _build(data_cfg: Any, tokenizer: Any, target: Path) -> None:
+def _build(data_cfg: DataConfig, tokenizer: Any, target: Path) -> None:
     from datasets import DatasetDict, disable_progress_bars
 
     disable_progress_bars()
@@ -192,14 +193,14 @@ def _build(data_cfg: Any, tokenizer: Any, target: Path) -> None:
         raise
 
 
-def _chat_template(data_cfg: Any, tokenizer: Any) -> str | None:
+def _chat_template(data_cfg: DataConfig, tokenizer: Any) -> str | None:
     """Chat rendering for chat data, and for prompt/response data with template=tokenizer."""
     if data_cfg.messages_field or data_cfg.template == "tokenizer" or any(s.messages_field for s in configured_sources(data_cfg)):
         return chat_template_for(data_cfg.template if data_cfg.template in ("chatml", "tokenizer") else "chatml", tokenizer)
     return None
 
 
-def _summarise(parts: Dict[str, Any], sources: Any, data_cfg: Any, stats: Dict[str, Any]) -> None:
+def _summarise(parts: Dict[str, Any], sources: Any, data_cfg: DataConfig, stats: Dict[str, Any]) -> None:
     """Counts, per-source counts, token lengths and the share of loss tokens of the (unpacked) splits."""
     lengths = {n: column(p, "length") for n, p in parts.items()}
     loss = {n: column(p, "num_loss_tokens") for n, p in parts.items()}
@@ -238,7 +239,7 @@ def builder_first(scope: str) -> Iterator[bool]:
         dist.barrier()
 
 
-def prepare_dataset(data_cfg: Any, tokenizer: Any) -> PreparedData:
+def prepare_dataset(data_cfg: DataConfig, tokenizer: Any) -> PreparedData:
     """Load the prepared splits from cache, building them first (on rank 0 / local rank 0) when absent."""
     from datasets import load_from_disk
 

@@ -12,6 +12,7 @@ from typing import Any, List, Optional
 from omegaconf import MISSING
 
 from ft_dist.errors import ConfigError
+from ft_dist.settings import check_fields, setting
 
 TEMPLATE_NAMES = ("qa", "alpaca", "chatml", "plain", "tokenizer")
 HF_PREFIX = "hf:"
@@ -43,7 +44,8 @@ class SourceConfig:
 class DataConfig:
     """Where the instruction-response pairs come from and how they become token sequences."""
 
-    name: str = MISSING
+    name: str = setting(MISSING, identity=False)
+    """A label for run names and reports."""
     path: Optional[str] = MISSING
     """A JSONL/JSON/CSV/Parquet file, a folder, a glob, or `hf:<dataset id>`. Null when `sources` is set."""
     sources: List[SourceConfig] = field(default_factory=list)
@@ -61,16 +63,16 @@ class DataConfig:
     prompt/response fields are not used; templates `chatml` or `tokenizer` render the turns."""
     system_prompt: Optional[str] = None
     """Chat templates: a system message put first when an example has none."""
-    template: str = "qa"
+    template: str = setting("qa", choices=TEMPLATE_NAMES)
     """qa | alpaca | chatml | plain (named, see ft_dist/data/templates.py) | tokenizer (the tokenizer's own chat
     template, via apply_chat_template)."""
     train_on_prompt: bool = False
     """Also put the loss on prompt tokens (on every turn for chat data). Off: responses / assistant turns only."""
     max_seq_len: int = 512
     """Longest example in tokens (also the packed row length)."""
-    truncation_side: str = "right"
+    truncation_side: str = setting("right", choices=("right", "left"))
     """right | left: which end of an over-long example is cut (left keeps the response, cuts the prompt's start)."""
-    overlong: str = "truncate"
+    overlong: str = setting("truncate", choices=("truncate", "drop"))
     """truncate | drop: what to do with examples longer than max_seq_len."""
     packing: bool = False
     """Pack several training examples per row of max_seq_len (best-fit decreasing), positions restarting per
@@ -81,28 +83,19 @@ class DataConfig:
     """Remove exact duplicates (after lower-casing and collapsing whitespace) before the split."""
     drop_empty: bool = True
     """Drop examples whose prompt or response is blank (counted as `empty`)."""
-    on_error: str = "raise"
+    on_error: str = setting("raise", choices=("raise", "skip"))
     """raise | skip: on a malformed line or a record missing a field, stop naming file:line, or skip and count it."""
     test_size: float = 0.1
     """Share (0 < x < 1) or count (x >= 1) of examples held out for evaluation."""
     split_seed: int = 42
     limit: Optional[int] = None
     """Use only the first N records (smoke runs)."""
-    num_proc: int = 1
+    num_proc: int = setting(1, identity=False)
     """Processes for tokenization (datasets.map num_proc)."""
-    cache_dir: str = "~/.cache/ft-dist/data"
-    cache_scope: str = "global"
+    cache_dir: str = setting("~/.cache/ft-dist/data", identity=False)
+    cache_scope: str = setting("global", choices=("global", "node"), identity=False)
     """global: rank 0 prepares into a cache every node sees | node: each node's local rank 0 prepares into a
     node-local cache_dir."""
-
-
-_CHOICES = {
-    "template": TEMPLATE_NAMES,
-    "truncation_side": ("right", "left"),
-    "overlong": ("truncate", "drop"),
-    "on_error": ("raise", "skip"),
-    "cache_scope": ("global", "node"),
-}
 
 
 def _check_path(path: str, key: str) -> None:
@@ -122,9 +115,7 @@ def _check_path(path: str, key: str) -> None:
 
 def validate_data(data: Any) -> None:
     """Value checks on `data.*` that types cannot express; raises ConfigError naming the key."""
-    for key, choices in _CHOICES.items():
-        if getattr(data, key) not in choices:
-            raise ConfigError(f"data.{key}", f"expected one of {', '.join(choices)}, got {getattr(data, key)!r}")
+    check_fields(DataConfig, data, "data.")
     if data.max_seq_len <= 1:
         raise ConfigError("data.max_seq_len", f"expected a value > 1, got {data.max_seq_len}")
     if not (0 < data.test_size < 1 or (data.test_size >= 1 and float(data.test_size).is_integer())):

@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from ft_dist.data.schema import HF_PREFIX
 from ft_dist.errors import DataError
+from ft_dist.data.schema import DataConfig
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 OK, SKIPPED, EMPTY = 0, 1, 2
@@ -56,7 +57,7 @@ class Source:
     """`data` or `data.sources[i]`: where a field name is set, for error messages."""
 
 
-def configured_sources(data_cfg: Any) -> List[Source]:
+def configured_sources(data_cfg: DataConfig) -> List[Source]:
     """`data.sources` (or the single `data.path`) with inherited field names filled in."""
     def pick(src: Any, key: str) -> Any:
         own = getattr(src, key, None) if src is not None else None
@@ -273,7 +274,7 @@ def _normalise(row: Any, source: Source, where: str, lineno: int) -> Dict[str, A
     }
 
 
-def iter_records(data_cfg: Any) -> Iterator[Dict[str, Any]]:
+def iter_records(data_cfg: DataConfig) -> Iterator[Dict[str, Any]]:
     """Normalised records of every source, in order; bad lines raise, or (on_error=skip) come out as SKIPPED rows.
 
     A `datasets.Dataset.from_generator` generator: rows stream to Arrow files, nothing accumulates in memory.
@@ -304,7 +305,7 @@ def iter_records(data_cfg: Any) -> Iterator[Dict[str, Any]]:
             raise DataError("no records found", source.path)
 
 
-def content_fingerprint(data_cfg: Any) -> str:
+def content_fingerprint(data_cfg: DataConfig) -> str:
     """A hash of every source's bytes (or HF id, revision and split): part of the prepared-data cache key."""
     h = hashlib.sha256()
     for source in configured_sources(data_cfg):

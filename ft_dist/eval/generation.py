@@ -20,6 +20,7 @@ from torch import nn
 
 from ft_dist import dist
 from ft_dist.eval.text_metrics import score_generations
+from ft_dist.eval.schema import EvalConfig
 
 
 def batch_rounds(n: int, world_size: int, batch_size: int) -> int:
@@ -79,7 +80,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
     return results
 
 
-def task_metrics(model: nn.Module, tokenizer: Any, test: Any, eval_cfg: Any, device: torch.device,
+def task_metrics(model: nn.Module, tokenizer: Any, test: Any, eval_cfg: EvalConfig, device: torch.device,
                  synced: bool = False) -> Dict[str, Any]:
     """Generate an answer for each test prompt and score it against the reference response.
 

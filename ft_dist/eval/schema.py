@@ -1,9 +1,10 @@
-"""Config schemas of evaluation: the `eval` group used during training, and the ft-eval / ft-generate commands."""
+"""Config schema of evaluation: the `eval` group (ft-eval's and ft-generate's own fields: ft_dist/commands/schema.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ft_dist.settings import setting
 
 MODES = ("eval", "compare", "mc")
 JUDGES = ("f1", "none")
@@ -15,9 +16,9 @@ BASE = "base"
 class EvalConfig:
     """Task evaluation by generation on the test split."""
 
-    max_new_tokens: int = 64
-    batch_size: int = 32
-    max_examples: int = 0
+    max_new_tokens: int = setting(64, positive=True)
+    batch_size: int = setting(32, positive=True)
+    max_examples: int = setting(0, non_negative=True)
     """Evaluate on at most N test examples (0: all)."""
     during_training: int = 0
     """Test examples to generate and score at each periodic eval (train.eval_every); 0 turns it off."""

@@ -24,6 +24,8 @@ from ft_dist.eval.harness import TaskDataUnreachable, run_harness
 from ft_dist.eval.loss import evaluate_loss
 from ft_dist.models import ModelSpec
 from ft_dist.strategies.single import SingleDevice
+from ft_dist.config import RunConfig
+from ft_dist.eval.run_schema import EvalRunConfig
 
 MC_TABLE_METRICS = ("acc", "acc_norm")
 """Multiple-choice metrics shown in comparison tables (their stderrs stay in eval.json)."""
@@ -68,13 +70,13 @@ def vocabulary_of(data: PreparedData) -> Set[str]:
     return build_vocabulary(chain(data.train["prompt"], data.train["response"], data.test["response"]))
 
 
-def load_replica(cfg: Any, path: Optional[str], tokenizer: Any, world: dist.World) -> SingleDevice:
+def load_replica(cfg: RunConfig, path: Optional[str], tokenizer: Any, world: dist.World) -> SingleDevice:
     """The model on this rank's device, whole: evaluation shards the data, not the model.
 
     The single-device strategy is used on every rank (it refuses to be *built* by `build_strategy` under torchrun,
     where training needs a data-parallel engine); it gives evaluate_loss the model, the world and autocast.
     """
-    replica = SingleDevice(cfg, world)
+    replica = SingleDevice(cfg.strategy, cfg.train, world)
 
     # A from-config base gets the same random init as the run's, on every rank.
     replica.setup(ModelSpec(cfg.model, None, tokenizer, seed=cfg.train.seed, path=path), None)
@@ -86,7 +88,7 @@ def _task_name(path: str) -> str:
     return re.sub(r"\W", "_", Path(path).stem).lower() or "local_mc"
 
 
-def multiple_choice(cfg: Any, model: Any, tokenizer: Any) -> Dict[str, Any]:
+def multiple_choice(cfg: EvalRunConfig, model: Any, tokenizer: Any) -> Dict[str, Any]:
     """Run the named lm-eval tasks and/or the local items file on `model`; {"metrics": ..., "results": ...}.
 
     Named tasks whose data cannot be reached (no hub access, no cache) are skipped with a warning when a local file
@@ -113,7 +115,7 @@ def multiple_choice(cfg: Any, model: Any, tokenizer: Any) -> Dict[str, Any]:
     return {"metrics": metrics, "results": results}
 
 
-def evaluate_model(cfg: Any, name: str, path: Optional[str], tokenizer: Any, data: PreparedData,
+def evaluate_model(cfg: EvalRunConfig, name: str, path: Optional[str], tokenizer: Any, data: PreparedData,
                    world: dist.World, vocabulary: Optional[Set[str]]) -> ModelResult:
     """Evaluate one model as cfg.mode says: mode=mc runs only the benchmarks, the others everything configured."""
     result = ModelResult(name)

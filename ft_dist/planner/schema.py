@@ -3,38 +3,42 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional
+
+from ft_dist.settings import setting
+
+PlanStrategy = Literal["single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"]
 
 
 @dataclass
 class PlanConfig:
     """What to plan. Fields left null are searched over."""
 
-    tokens: float = 0.0
+    tokens: float = setting(0.0, positive=True)
     """Dataset tokens (one epoch); the token budget is tokens x epochs. Required (> 0)."""
-    epochs: float = 1.0
+    epochs: float = setting(1.0, positive=True)
     instance: Optional[str] = None
     """One catalog instance (e.g. p4d.24xlarge); null: the whole catalog."""
-    nodes: Optional[int] = None
+    nodes: Optional[int] = setting(None, positive=True)
     """Number of nodes; null: search 1, 2, 4, 8."""
-    strategy: Optional[str] = None
+    strategy: Optional[str] = setting(None, choices=PlanStrategy)
     """single | ddp | fsdp | zero1 | zero2 | zero3 | zero2_offload | zero3_offload; null: search."""
-    peft: str = "none"
+    peft: str = setting("none", choices=("none", "lora", "qlora"))
     """none | lora | qlora (4-bit NF4 base)."""
-    lora_rank: int = 16
+    lora_rank: int = setting(16, positive=True)
     lora_targets: List[str] = field(default_factory=lambda: ["all-linear"])
-    precision: str = "bf16"
+    precision: str = setting("bf16", choices=("fp32", "fp16", "bf16", "pure_bf16"))
     """fp32 | fp16 | bf16 (mixed, fp32 master weights) | pure_bf16."""
-    optimizer: str = "adamw"
+    optimizer: str = setting("adamw", choices=("adamw", "adamw_8bit", "sgd"))
     """adamw | adamw_8bit | sgd."""
-    seq_len: int = 2048
-    micro_batch: Optional[int] = None
+    seq_len: int = setting(2048, positive=True)
+    micro_batch: Optional[int] = setting(None, positive=True)
     """null: search 1..32."""
     activation_checkpointing: Optional[bool] = None
     """null: try both."""
-    attention: str = "sdpa"
+    attention: str = setting("sdpa", choices=("sdpa", "flash_attention_2", "eager"))
     """sdpa | flash_attention_2 | eager (eager materialises the s x s scores)."""
-    global_batch: int = 64
+    global_batch: int = setting(64, positive=True)
     """Sequences per optimizer step; gradient accumulation makes it up."""
     headroom: float = 0.10
     """Share of GPU memory and host RAM kept free."""
@@ -42,26 +46,16 @@ class PlanConfig:
     fragmentation: float = 0.10
     mfu: Dict[str, float] = field(default_factory=dict)
     """Override the catalog's MFU per GPU generation, e.g. plan.mfu.ampere=0.5."""
-    deadline_hours: Optional[float] = None
-    budget_usd: Optional[float] = None
+    deadline_hours: Optional[float] = setting(None, positive=True)
+    budget_usd: Optional[float] = setting(None, positive=True)
     trace: bool = False
     """Measure one training step of the real architecture under FakeTensorMode + MemTracker instead of estimating."""
     trace_layers: int = 2
-    format: str = "table"
+    format: str = setting("table", choices=("table", "json"))
     """table | json."""
-    top: int = 10
+    top: int = setting(10, positive=True)
     """Rows of the ranked table."""
     output_dir: str = "plan_out"
     """Where the PNG chart, plan.yaml and launch.sh go; empty string: write nothing."""
     catalog: Optional[str] = None
     """Another catalog file with the layout of ft_dist/planner/catalog.yaml."""
-
-
-PLAN_CHOICES = {
-    "strategy": ("single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"),
-    "peft": ("none", "lora", "qlora"),
-    "precision": ("fp32", "fp16", "bf16", "pure_bf16"),
-    "optimizer": ("adamw", "adamw_8bit", "sgd"),
-    "attention": ("sdpa", "flash_attention_2", "eager"),
-    "format": ("table", "json"),
-}

@@ -17,6 +17,7 @@ from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Opti
 import torch
 from torch import nn
 
+from ft_dist.config import StrategyConfig, TrainConfig
 from ft_dist.dist import World
 from ft_dist.errors import ConfigError
 from ft_dist.models import ModelSpec, model_tensors
@@ -37,10 +38,11 @@ def check_precision(precision: str, device: torch.device) -> None:
 class Strategy(ABC):
     """Build, wrap, step and save one model across `world`."""
 
-    def __init__(self, cfg: Any, world: World):
-        self.cfg = cfg
+    def __init__(self, cfg: StrategyConfig, train: TrainConfig, world: World):
+        self.cfg = cfg  # this strategy's own settings
+        self.train = train  # what it needs of the schedule: precision, optimizer (DeepSpeed: the batch layout)
         self.world = world
-        self.precision = cfg.train.precision
+        self.precision = train.precision
         check_precision(self.precision, world.device)
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer

@@ -23,6 +23,7 @@ from typing import Any, ContextManager, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ft_dist.config import StrategyConfig, TrainConfig
 from ft_dist import dist
 from ft_dist.models import ModelSpec, block_prefixes, is_adapter_name
 from ft_dist.strategies.base import _DTYPES, OptimizerFactory, Strategy
@@ -42,14 +43,13 @@ ZERO3_SUB_GROUP = 50_000_000
 """Elements per ZeRO-3 optimizer sub-group (DeepSpeed's default is 1e9)."""
 
 
-def deepspeed_config(cfg: Any, world_size: int, on_gpu: bool, hidden: int = 0) -> Dict[str, Any]:
+def deepspeed_config(sc: StrategyConfig, tc: TrainConfig, world_size: int, on_gpu: bool, hidden: int = 0) -> Dict[str, Any]:
     """The DeepSpeed JSON config equivalent to our strategy/train settings.
 
     Bucket sizes follow the model (what transformers' "auto" sets: hidden^2 elements, ZeRO-3 prefetch 0.9 hidden^2,
     persistence threshold 10 hidden) rather than DeepSpeed's fixed 5e8 elements, which alone would be 1 GB per
     bucket in 16 bit on every GPU, more than a small model's share; ZeRO-3's live-parameter limits likewise.
     """
-    sc, tc = cfg.strategy, cfg.train
     zero: Dict[str, Any] = {"stage": sc.zero_stage}
     if hidden:
         zero["reduce_bucket_size"] = hidden * hidden
@@ -95,11 +95,11 @@ class DeepSpeedZero(Strategy):
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        sc = self.cfg.strategy
+        sc = self.cfg
         on_gpu = self.world.device.type == "cuda"
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")  # reuses our process group
         hidden = int(getattr(spec.build(meta=True).config, "hidden_size", 0) or 0)
-        self.ds_config = deepspeed_config(self.cfg, self.world.size, on_gpu, hidden)
+        self.ds_config = deepspeed_config(sc, self.train, self.world.size, on_gpu, hidden)
         self.stage3 = sc.zero_stage == 3
         weights_dir = spec.weights_dir if self.fake_mode is None else None
         # While this object lives, transformers builds models under zero.Init (partitioned at creation).
@@ -133,11 +133,11 @@ class DeepSpeedZero(Strategy):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = None
         if build_optimizer is not None:
-            if self.world.device.type == "cuda" and self.cfg.strategy.offload_optimizer != "none" \
-                    and self.cfg.train.optimizer == "adamw":
+            if self.world.device.type == "cuda" and self.cfg.offload_optimizer != "none" \
+                    and self.train.optimizer == "adamw":
                 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-                tc = self.cfg.train
+                tc = self.train
                 optimizer = DeepSpeedCPUAdam(params, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps,
                                              weight_decay=tc.weight_decay)
             else:

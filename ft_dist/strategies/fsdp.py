@@ -67,16 +67,16 @@ class FSDP2(Strategy):
         n = self.world.size
         # A LoRA A matrix (r x in) has fewer rows than ranks on a wide mesh; sharding its rows would pad it N/r-fold.
         place = lambda p: Shard(1) if p.ndim == 2 and p.shape[0] < n <= p.shape[1] else None  # noqa: E731
-        kwargs = dict(mesh=mesh, reshard_after_forward=self.cfg.strategy.reshard_after_forward, shard_placement_fn=place)
+        kwargs = dict(mesh=mesh, reshard_after_forward=self.cfg.reshard_after_forward, shard_placement_fn=place)
         if self.precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if self.cfg.strategy.cpu_offload:
+        if self.cfg.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
         for unit in shard_units(self.root):
             fully_shard(unit, **kwargs)
         fully_shard(self.root, **kwargs)
         with self.fake_mode or contextlib.nullcontext():  # sharding happened on meta; storage may be fake
-            model.to_empty(device="cpu" if self.cfg.strategy.cpu_offload else dev)
+            model.to_empty(device="cpu" if self.cfg.cpu_offload else dev)
         self.model = model
         if self.fake_mode is None:
             self._fill_weights(spec)
