@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Literal, Optional
 from omegaconf import MISSING
 
 from ft_dist.data.schema import DataConfig, validate_data
-from ft_dist.eval.schema import EvalConfig
 from ft_dist.errors import ConfigError
+from ft_dist.eval.schema import EvalConfig
 from ft_dist.settings import check_fields, setting
 
 Attention = Literal["sdpa", "eager", "flash_attention_2"]

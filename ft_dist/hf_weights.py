@@ -155,7 +155,7 @@ def write_hf_model(units: Iterable[Mapping[str, torch.Tensor]], twin: nn.Module,
     merger = _LoraMerger(twin) if is_peft else None
     write_model = merge_lora or not is_peft
     if not write:
-        for unit in units:  # take part in every gather
+        for _ in units:  # take part in every gather
             pass
         return None
     with atomic_dir(Path(target)) as tmp:

@@ -16,8 +16,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ft_dist.errors import ConfigError
 from ft_dist.config import ModelConfig, PeftConfig
+from ft_dist.errors import ConfigError
 
 CHAR_TOKENIZER = "embedded:char"
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
@@ -52,7 +52,7 @@ def load_tokenizer(model_cfg: ModelConfig, path: Optional[str] = None) -> Any:
         try:
             tok = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
         except (OSError, ValueError) as err:
-            raise ConfigError("model.tokenizer", f"could not load a tokenizer from {source!r}: {str(err).splitlines()[0]}")
+            raise ConfigError("model.tokenizer", f"could not load a tokenizer from {source!r}: {str(err).splitlines()[0]}") from err
     if tok.eos_token is None:
         vocab = tok.get_vocab()
         found = next((t for t in _EOS_CANDIDATES if t in vocab), None)
@@ -75,7 +75,7 @@ def architecture_config(model_cfg: ModelConfig) -> Any:
     try:
         return AutoConfig.for_model(model_type, **arch)
     except ValueError as err:
-        raise ConfigError("model.arch.model_type", str(err).splitlines()[0])
+        raise ConfigError("model.arch.model_type", str(err).splitlines()[0]) from err
 
 
 def build_model(model_cfg: ModelConfig, tokenizer: Any, path: Optional[str] = None, dtype: torch.dtype = torch.float32,
@@ -149,7 +149,7 @@ def apply_peft(model: nn.Module, peft_cfg: PeftConfig) -> nn.Module:
     try:
         model = get_peft_model(model, lora)
     except ValueError as err:
-        raise ConfigError("peft.target_modules", str(err).splitlines()[0])
+        raise ConfigError("peft.target_modules", str(err).splitlines()[0]) from err
     if not any(p.is_meta for p in model.parameters()):
         seed_adapters(model, peft_cfg.seed)
     return model
@@ -259,7 +259,7 @@ def resolve_weights_dir(name_or_path: str) -> Path:
                 path = Path(snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=not dist.is_main()))
             except Exception as err:  # offline, unknown id, gated repo
                 raise ConfigError("model.name_or_path", f"expected a local model directory or a reachable hub id, "
-                                                        f"got {name_or_path!r}: {str(err).splitlines()[0]}")
+                                                        f"got {name_or_path!r}: {str(err).splitlines()[0]}") from err
     if not any(path.glob("*.safetensors")):
         raise ConfigError("model.name_or_path", f"expected safetensors weights in {path} (found none); convert "
                                                 "pickled .bin weights with transformers' save_pretrained(safe_serialization=True)")

@@ -6,6 +6,7 @@ import math
 from typing import Iterable
 
 import torch
+
 from ft_dist.config import TrainConfig
 
 

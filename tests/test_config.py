@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from omegaconf.errors import ValidationError
 from conftest import REPO, compose, run_cli
 from ft_dist.config import validate
 from ft_dist.errors import ConfigError
+from ft_dist.settings import check_fields, setting
 
 
 @pytest.mark.parametrize("group", ["model", "data", "train", "strategy", "peft", "logger", "eval"])
@@ -89,3 +91,45 @@ def test_validate_rejects_missing_arch_type():
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     assert info.value.key == "model.arch.model_type"
+
+
+def test_cache_key_and_resume_fingerprint_follow_the_field_declarations():
+    """One rule over the schema's fields decides what identifies a run; a new field enters both unless it says it
+    does not (it used to take an allowlist of data fields, where a new field silently stayed out of the key)."""
+    from ft_dist.checkpoint import config_fingerprint
+    from ft_dist.data.schema import DataConfig
+    from ft_dist.settings import identity
+
+    cfg = compose()
+    base = config_fingerprint(cfg)
+    # Cadence and where things run do not identify a run; what it computes does.
+    assert config_fingerprint(compose(["train.log_every=3", "data.num_proc=2", "train.hang_timeout_s=60"])) == base
+    assert config_fingerprint(compose(["train.lr=1e-4"])) != base
+    assert config_fingerprint(compose(["data.max_seq_len=64"])) != base
+
+    @dataclasses.dataclass
+    class Extended(DataConfig):
+        new_knob: int = 7
+        new_label: str = setting("x", identity=False)
+
+    keys = identity(Extended, None, plain={f.name: 0 for f in dataclasses.fields(Extended)})
+    assert "new_knob" in keys and "new_label" not in keys and "max_seq_len" in keys and "cache_dir" not in keys
+
+
+@dataclasses.dataclass
+class _Inner:
+    mode: str = setting("a", choices=("a", "b"))
+    size: int = setting(1, positive=True)
+
+
+@dataclasses.dataclass
+class _Outer:
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+
+
+def test_declared_choices_and_ranges_are_checked_under_their_dotted_key():
+    check_fields(_Outer, _Outer())
+    for bad, key in ((_Inner(mode="c"), "inner.mode"), (_Inner(size=0), "inner.size")):
+        with pytest.raises(ConfigError) as info:
+            check_fields(_Outer, _Outer(inner=bad))
+        assert info.value.key == key

@@ -22,7 +22,6 @@ from ft_dist.cluster.command_line import Rendezvous, shell_line, training_comman
 from ft_dist.runtime import REPO_ROOT
 
 
-
 def train_overrides(overrides: Sequence[str], run_dir: Path, resume: bool, world_size: int = 1) -> List[str]:
     """The job's training overrides (`job_overrides`: a distributed strategy, this run dir), resume as asked."""
     out = job_overrides(overrides, world_size, output_dir=run_dir)

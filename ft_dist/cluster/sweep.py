@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
 from ft_dist.cluster import job_overrides
 from ft_dist.cluster.command_line import Rendezvous, training_command
 from ft_dist.cluster.rendezvous import head_address

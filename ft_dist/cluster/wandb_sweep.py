@@ -34,7 +34,6 @@ from ft_dist.cluster.command_line import Rendezvous, training_command
 from ft_dist.runtime import REPO_ROOT, TRAIN_SCRIPT
 
 
-
 def _sweep_parameter(override: Any) -> Dict[str, Any]:
     """One Hydra sweep override (`a,b`, choice, range, interval, tag(log, interval)) as a W&B parameter."""
     from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep

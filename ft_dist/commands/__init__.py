@@ -14,8 +14,8 @@ its config passed the pre-flight check, so a mistake costs well under a second, 
 
 import os
 
-from ft_dist.commands.startup import entry
 from ft_dist.commands.schema import validate_data_run, validate_eval_run, validate_plan
+from ft_dist.commands.startup import entry
 from ft_dist.config import validate, validate_launched
 
 # Torch threads: torchrun sets OMP_NUM_THREADS=1 for each process; a single process keeps the library default.

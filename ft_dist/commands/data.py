@@ -9,10 +9,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ft_dist import dist
+from ft_dist.commands.schema import DataReportConfig
 from ft_dist.data.prepare import prepare_dataset
 from ft_dist.eval.data_report import flag_responses, plot_lengths, render_text, show_text
 from ft_dist.models import load_tokenizer
-from ft_dist.commands.schema import DataReportConfig
 
 
 def run(cfg: DataReportConfig) -> int:

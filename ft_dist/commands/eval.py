@@ -19,21 +19,20 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Set, Tuple
 
-
 from ft_dist import dist
 from ft_dist.checkpoint import atomic_write_text
+from ft_dist.commands.schema import validate_eval_run
 from ft_dist.data.prepare import prepare_dataset
 from ft_dist.data.templates import render_prompt
 from ft_dist.errors import ConfigError
 from ft_dist.eval import compare
 from ft_dist.eval.error_analysis import CATEGORIES, write_report
 from ft_dist.eval.generation import generate as generate_texts
-from ft_dist.commands.schema import validate_eval_run
+from ft_dist.eval.run_schema import EvalRunConfig, GenerateRunConfig
 from ft_dist.eval.schema import BASE
 from ft_dist.eval.suite import ModelResult, evaluate_model, vocabulary_of
 from ft_dist.models import build_model, load_tokenizer
 from ft_dist.runtime import resolve_output_dir, seed_everything
-from ft_dist.eval.run_schema import EvalRunConfig, GenerateRunConfig
 
 FINETUNED = "finetuned"
 

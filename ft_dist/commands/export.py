@@ -9,9 +9,9 @@ from omegaconf import OmegaConf
 
 from ft_dist import dist
 from ft_dist.checkpoint import CHECKPOINTS, export_checkpoint, find_resume_checkpoint
+from ft_dist.commands.schema import ExportConfig
 from ft_dist.errors import ConfigError
 from ft_dist.phase_memory import PhaseMemory
-from ft_dist.commands.schema import ExportConfig
 
 
 def run(cfg: ExportConfig) -> int:

@@ -3,7 +3,7 @@
     ft-launch cluster=p4d cluster.nodes=2 [master_addr=10.0.0.1] [launcher=deepspeed] -- model=llama-2-7b strategy=zero3
     ft-launch cluster=local cluster.gpus_per_node=2 --run -- strategy=ddp train.max_steps=20
     ft-launch cluster=local max_restarts=3 --run -- strategy=ddp train.save_every=50   (a dead rank restarts the job)
-    ft-launch slurm cluster=p4d cluster.nodes=4 submit=true -- ...      (writes/submits an sbatch script: slurm_cli)
+    ft-launch slurm cluster=p4d cluster.nodes=4 submit=true -- ...      (writes/submits an sbatch script: commands/slurm.py)
 
 Arguments before `--` pick the cluster (conf/cluster/*.yaml); those after it are the training overrides, validated
 now exactly as ft-train would, so a typo fails here rather than on 64 GPUs.

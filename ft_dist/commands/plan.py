@@ -8,13 +8,14 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from ft_dist.planner.api import apply_trace, plan as make_plan
+from ft_dist.commands.schema import PlanRunConfig
+from ft_dist.planner.api import apply_trace
+from ft_dist.planner.api import plan as make_plan
 from ft_dist.planner.catalog import load_catalog
 from ft_dist.planner.memory import GIB, GpuOverhead
 from ft_dist.planner.recommend import SearchSpace
 from ft_dist.planner.report import candidates_text, naive_text, write_chart, write_plan_files
 from ft_dist.planner.workload import TrainingSetup
-from ft_dist.commands.schema import PlanRunConfig
 
 
 def run(cfg: PlanRunConfig) -> Optional[int]:

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from ft_dist import EXIT_REQUEUE, dist, hooks
 from ft_dist.checkpoint import CheckpointManager, atomic_write_text, config_yaml, save_final_model
+from ft_dist.config import RunConfig
 from ft_dist.data.prepare import prepare_dataset
 from ft_dist.eval.compare import before_after_table
 from ft_dist.eval.generation import task_metrics
@@ -24,7 +25,6 @@ from ft_dist.runtime import resolve_output_dir, seed_everything
 from ft_dist.strategies import build_strategy
 from ft_dist.tracking import Tracker, scrub_secrets
 from ft_dist.watchdog import Watchdog
-from ft_dist.config import RunConfig
 
 
 def _observed(units: Any, out_dir: Path, rank: int) -> Any:

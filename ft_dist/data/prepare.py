@@ -27,8 +27,16 @@ from ft_dist import dist
 from ft_dist.atomic_io import temp_dir
 from ft_dist.data.mix import weighted_indices
 from ft_dist.data.pack import pack_batch, packing_efficiency
-from ft_dist.data.sources import EMPTY, OK, SKIPPED, configured_sources, content_fingerprint, iter_records, record_features
 from ft_dist.data.schema import DataConfig
+from ft_dist.data.sources import (
+    EMPTY,
+    OK,
+    SKIPPED,
+    configured_sources,
+    content_fingerprint,
+    iter_records,
+    record_features,
+)
 from ft_dist.data.split import add_keys, first_occurrences, overlap, split_train_test
 from ft_dist.data.templates import chat_template_for
 from ft_dist.data.tokenize import EncodeSettings, encode_batch

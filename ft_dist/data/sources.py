@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
-from ft_dist.data.schema import HF_PREFIX
+from ft_dist.data.schema import HF_PREFIX, DataConfig
 from ft_dist.errors import DataError
-from ft_dist.data.schema import DataConfig
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 OK, SKIPPED, EMPTY = 0, 1, 2
@@ -29,7 +28,8 @@ ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": 
 
 def record_features() -> Any:
     """The Arrow schema of normalised records (a function: importing datasets is slow, keep it lazy)."""
-    from datasets import Features, List as ListFeature, Value
+    from datasets import Features, Value
+    from datasets import List as ListFeature
 
     return Features({
         "source_id": Value("int32"), "source": Value("string"), "source_line": Value("int64"),
@@ -127,13 +127,13 @@ def _read_json(path: Path) -> Iterator[Row]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"not UTF-8 text (byte {err.start}); re-encode the file as UTF-8", str(path))
+        raise DataError(f"not UTF-8 text (byte {err.start}); re-encode the file as UTF-8", str(path)) from err
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         lines = text.splitlines()
         line = lines[err.lineno - 1] if lines else ""
-        raise DataError(f"malformed JSON ({err.msg}, column {err.colno}): {_snippet(line)!r}", str(path), err.lineno)
+        raise DataError(f"malformed JSON ({err.msg}, column {err.colno}): {_snippet(line)!r}", str(path), err.lineno) from err
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else [data]
@@ -160,7 +160,7 @@ def _read_csv(path: Path) -> Iterator[Row]:
                     yield start, row
                 start = reader.line_num + 1
     except UnicodeDecodeError as err:
-        raise DataError(f"not UTF-8 text (byte {err.start}); re-encode the file as UTF-8", str(path))
+        raise DataError(f"not UTF-8 text (byte {err.start}); re-encode the file as UTF-8", str(path)) from err
 
 
 def _read_parquet(path: Path) -> Iterator[Row]:
@@ -169,7 +169,7 @@ def _read_parquet(path: Path) -> Iterator[Row]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a corrupt file
-        raise DataError(f"not a readable Parquet file ({err})", str(path))
+        raise DataError(f"not a readable Parquet file ({err})", str(path)) from err
     row_no = 0
     for batch in pf.iter_batches(batch_size=4096):
         for row in batch.to_pylist():
@@ -184,7 +184,7 @@ def _read_hf(name: str, split: str, revision: Optional[str]) -> Iterator[Row]:
         ds = load_dataset(name, split=split, revision=revision)
     except Exception as err:  # hub/network/format errors all mean: this id cannot be read here
         raise DataError(f"could not load HF dataset {name!r} (split {split!r}, revision {revision!r}): "
-                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     for i, row in enumerate(ds, start=1):
         yield i, row
 
@@ -232,7 +232,7 @@ def normalise_messages(value: Any, where: str, lineno: int) -> List[Dict[str, st
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
-            raise DataError(f"messages field is not a JSON list ({err.msg})", where, lineno)
+            raise DataError(f"messages field is not a JSON list ({err.msg})", where, lineno) from err
     if not isinstance(value, list):
         raise DataError(f"expected messages as a list of {{role, content}} objects, got {type(value).__name__}", where, lineno)
     out = []

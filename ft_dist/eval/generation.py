@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ft_dist import dist
-from ft_dist.eval.text_metrics import score_generations
 from ft_dist.eval.schema import EvalConfig
+from ft_dist.eval.text_metrics import score_generations
 
 
 def batch_rounds(n: int, world_size: int, batch_size: int) -> int:

@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Set
 
 from ft_dist import dist
+from ft_dist.config import RunConfig
 from ft_dist.data.prepare import PreparedData
 from ft_dist.eval.error_analysis import build_vocabulary, error_report
 from ft_dist.eval.generation import task_metrics
 from ft_dist.eval.harness import TaskDataUnreachable, run_harness
 from ft_dist.eval.loss import evaluate_loss
+from ft_dist.eval.run_schema import EvalRunConfig
 from ft_dist.models import ModelSpec
 from ft_dist.strategies.single import SingleDevice
-from ft_dist.config import RunConfig
-from ft_dist.eval.run_schema import EvalRunConfig
 
 MC_TABLE_METRICS = ("acc", "acc_norm")
 """Multiple-choice metrics shown in comparison tables (their stderrs stay in eval.json)."""

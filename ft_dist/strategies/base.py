@@ -137,5 +137,5 @@ class Strategy(ABC):
 
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional: most strategies hold nothing to release)
         """Release engine resources; the process group itself is closed by ft_dist.dist.close()."""

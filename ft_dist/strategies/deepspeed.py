@@ -23,8 +23,8 @@ from typing import Any, ContextManager, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ft_dist.config import StrategyConfig, TrainConfig
 from ft_dist import dist
+from ft_dist.config import StrategyConfig, TrainConfig
 from ft_dist.models import ModelSpec, block_prefixes, is_adapter_name
 from ft_dist.strategies.base import _DTYPES, OptimizerFactory, Strategy
 from ft_dist.strategies.fragments import sharded_range

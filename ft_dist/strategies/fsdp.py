@@ -20,8 +20,13 @@ from torch import nn
 
 from ft_dist import dist
 from ft_dist.errors import ConfigError
-from ft_dist.models import (ModelSpec, initial_values, is_adapter_name, recompute_non_persistent_buffers,
-                            transformer_blocks)
+from ft_dist.models import (
+    ModelSpec,
+    initial_values,
+    is_adapter_name,
+    recompute_non_persistent_buffers,
+    transformer_blocks,
+)
 from ft_dist.strategies.base import OptimizerFactory, Strategy
 
 
