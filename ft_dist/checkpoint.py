@@ -43,8 +43,15 @@ def merge_on_save(cfg: RunConfig) -> bool:
     return bool(cfg.peft.merge_on_save or cfg.model.from_config or cfg.model.name_or_path is None)
 
 
-def save_final_model(units: Any, twin: torch.nn.Module, tokenizer: Any, cfg: RunConfig, target: Path, write: bool = True,
-                     max_shard_bytes: int = MAX_SHARD_BYTES) -> Optional[Path]:
+def save_final_model(
+    units: Any,
+    twin: torch.nn.Module,
+    tokenizer: Any,
+    cfg: RunConfig,
+    target: Path,
+    write: bool = True,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Optional[Path]:
     """Stream the model into an HF dir (sharded safetensors in the training dtype + tokenizer + ft_config.yaml).
 
     `units` yields the full tensors one unit (block) at a time, see Strategy.gathered_units; every rank iterates
@@ -53,8 +60,17 @@ def save_final_model(units: Any, twin: torch.nn.Module, tokenizer: Any, cfg: Run
     """
     from ft_dist.hf_weights import SAVE_DTYPES, write_hf_model
 
-    return write_hf_model(units, twin, tokenizer, Path(target), SAVE_DTYPES[cfg.train.precision], merge_on_save(cfg),
-                          max_shard_bytes, {"ft_config.yaml": config_yaml(cfg)}, write=write)
+    return write_hf_model(
+        units,
+        twin,
+        tokenizer,
+        Path(target),
+        SAVE_DTYPES[cfg.train.precision],
+        merge_on_save(cfg),
+        max_shard_bytes,
+        {"ft_config.yaml": config_yaml(cfg)},
+        write=write,
+    )
 
 
 # --- training checkpoints ---------------------------------------------------------------------------------------
@@ -219,8 +235,9 @@ def checkpoint_units(checkpoint: Path, twin: torch.nn.Module) -> Iterator[Dict[s
         del unit
 
 
-def export_checkpoint(run_cfg: RunConfig, checkpoint: Path, target: Path, merge_lora: bool = True,
-                      max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+def export_checkpoint(
+    run_cfg: RunConfig, checkpoint: Path, target: Path, merge_lora: bool = True, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> Path:
     """Turn a training checkpoint (any strategy, any world size) into an HF model dir that plain
     `AutoModelForCausalLM.from_pretrained` loads. One process; it holds one block and one shard at a time."""
     from ft_dist.hf_weights import SAVE_DTYPES, write_hf_model
@@ -228,9 +245,16 @@ def export_checkpoint(run_cfg: RunConfig, checkpoint: Path, target: Path, merge_
 
     tokenizer = load_tokenizer(run_cfg.model)
     twin = apply_peft(build_model(run_cfg.model, tokenizer, meta=True), run_cfg.peft)
-    out = write_hf_model(checkpoint_units(checkpoint, twin), twin, tokenizer, Path(target),
-                         SAVE_DTYPES[run_cfg.train.precision], merge_lora, max_shard_bytes,
-                         {"ft_config.yaml": config_yaml(run_cfg)})
+    out = write_hf_model(
+        checkpoint_units(checkpoint, twin),
+        twin,
+        tokenizer,
+        Path(target),
+        SAVE_DTYPES[run_cfg.train.precision],
+        merge_lora,
+        max_shard_bytes,
+        {"ft_config.yaml": config_yaml(run_cfg)},
+    )
     assert out is not None
     return out
 
@@ -251,18 +275,30 @@ def check_resumable(cfg: RunConfig, path: Path, world: dist.World) -> None:
     meta = read_meta(path)
     now, then = config_fingerprint(cfg), meta.get("config", {})
     # Settings recorded by an older ft-dist that no longer identify a run are not compared.
-    diffs = [f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(now) if now.get(k) != then.get(k)]
+    diffs = [
+        f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(now) if now.get(k) != then.get(k)
+    ]
     if diffs and not cfg.train.resume_ignore_config:
-        raise ConfigError("train.resume", f"checkpoint {path} was written with a different config ({'; '.join(diffs)}); "
-                          "pass train.resume_ignore_config=true to resume anyway, or a new output_dir to start fresh")
+        raise ConfigError(
+            "train.resume",
+            f"checkpoint {path} was written with a different config ({'; '.join(diffs)}); "
+            "pass train.resume_ignore_config=true to resume anyway, or a new output_dir to start fresh",
+        )
     tc = cfg.train
     global_batch = tc.micro_batch_size * tc.grad_accum * world.size
     if meta["global_batch"] != global_batch:
         per_rank = meta["global_batch"] / (tc.micro_batch_size * world.size)
-        hint = f"set train.grad_accum={int(per_rank)}" if per_rank.is_integer() else "choose micro_batch_size x grad_accum x world to match"
-        raise ConfigError("train.grad_accum", f"checkpoint {path} used global batch {meta['global_batch']} (micro "
-                          f"{meta['micro_batch_size']} x accum {meta['grad_accum']} x world {meta['world_size']}), this run "
-                          f"{global_batch}: {hint} so the data position maps exactly")
+        hint = (
+            f"set train.grad_accum={int(per_rank)}"
+            if per_rank.is_integer()
+            else "choose micro_batch_size x grad_accum x world to match"
+        )
+        raise ConfigError(
+            "train.grad_accum",
+            f"checkpoint {path} used global batch {meta['global_batch']} (micro "
+            f"{meta['micro_batch_size']} x accum {meta['grad_accum']} x world {meta['world_size']}), this run "
+            f"{global_batch}: {hint} so the data position maps exactly",
+        )
 
 
 @dataclass
@@ -301,8 +337,9 @@ class CheckpointManager:
         self._last_save = time.time()
         self._bound: Optional[Tuple[Any, Any, int, Any, Callable[..., None]]] = None
 
-    def bind(self, strategy: Any, scheduler: Any, global_batch: int, memory: Any,
-             progress: Callable[..., None]) -> None:
+    def bind(
+        self, strategy: Any, scheduler: Any, global_batch: int, memory: Any, progress: Callable[..., None]
+    ) -> None:
         self._bound = (strategy, scheduler, global_batch, memory, progress)
         self._last_save = time.time()  # the time cadence counts from the start of training
 
@@ -316,10 +353,18 @@ class CheckpointManager:
         with memory.phase("resume"):
             meta = load_checkpoint(strategy, scheduler, self.resume_from)
         position = RunPosition.of(meta, global_batch)
-        dist.log(f"resumed from {self.resume_from} at step {position.step} ({meta['samples_consumed']} samples "
-                 f"consumed, saved by world size {meta['world_size']}; {time.time() - t0:.1f} s)")
-        tracker.event(position.step, "resume", checkpoint=str(self.resume_from), saved_world_size=meta["world_size"],
-                      world_size=self.world.size, strategy=self.strategy_name)
+        dist.log(
+            f"resumed from {self.resume_from} at step {position.step} ({meta['samples_consumed']} samples "
+            f"consumed, saved by world size {meta['world_size']}; {time.time() - t0:.1f} s)"
+        )
+        tracker.event(
+            position.step,
+            "resume",
+            checkpoint=str(self.resume_from),
+            saved_world_size=meta["world_size"],
+            world_size=self.world.size,
+            strategy=self.strategy_name,
+        )
         return position.step
 
     def due_by_time(self) -> bool:
@@ -337,9 +382,17 @@ class CheckpointManager:
         strategy, scheduler, global_batch, memory, progress = self._require_bound()
         position = RunPosition(step, global_batch)
         tc = self.train
-        meta = {"step": step, "samples_consumed": position.samples_consumed, "world_size": self.world.size,
-                "micro_batch_size": tc.micro_batch_size, "grad_accum": tc.grad_accum, "global_batch": global_batch,
-                "strategy": self.strategy_name, "config": self.fingerprint, "saved_at": time.time()}
+        meta = {
+            "step": step,
+            "samples_consumed": position.samples_consumed,
+            "world_size": self.world.size,
+            "micro_batch_size": tc.micro_batch_size,
+            "grad_accum": tc.grad_accum,
+            "global_batch": global_batch,
+            "strategy": self.strategy_name,
+            "config": self.fingerprint,
+            "saved_at": time.time(),
+        }
         t0 = time.time()
         progress("checkpoint save", step)
         with memory.phase("save"):

@@ -202,29 +202,40 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.max_steps", f"expected a positive step count or -1, got {cfg.train.max_steps}")
     if cfg.train.hang_timeout_s and cfg.train.hang_timeout_s < 3 * cfg.train.heartbeat_s:
         # A heartbeat read by rank 0 can be a whole interval old: the timeout must span several.
-        raise ConfigError("train.hang_timeout_s", f"expected 0 (off) or >= 3 x train.heartbeat_s = "
-                                                  f"{3 * cfg.train.heartbeat_s:g}, got {cfg.train.hang_timeout_s:g}")
+        raise ConfigError(
+            "train.hang_timeout_s",
+            f"expected 0 (off) or >= 3 x train.heartbeat_s = "
+            f"{3 * cfg.train.heartbeat_s:g}, got {cfg.train.hang_timeout_s:g}",
+        )
     if not 0.0 <= cfg.peft.dropout < 1.0:
         raise ConfigError("peft.dropout", f"expected a value in [0, 1), got {cfg.peft.dropout}")
     if cfg.model.name_or_path is None and not cfg.model.arch:
         raise ConfigError("model.name_or_path", "expected a hub id or path, or `model.arch` to build from config")
     if (cfg.model.from_config or cfg.model.name_or_path is None) and "model_type" not in cfg.model.arch:
-        raise ConfigError("model.arch.model_type", "expected the HF model_type (e.g. llama, gpt_neox) to build from config")
+        raise ConfigError(
+            "model.arch.model_type", "expected the HF model_type (e.g. llama, gpt_neox) to build from config"
+        )
     if cfg.model.tokenizer is None and cfg.model.name_or_path is None:
         raise ConfigError("model.tokenizer", "expected a tokenizer path or id when the model has no name_or_path")
     validate_data(cfg.data)
     sc = cfg.strategy
     if "nvme" in (sc.offload_optimizer, sc.offload_params):
         # Swapped-out optimizer states are not in memory, where sharded checkpoints (and their resume) read them.
-        raise ConfigError("strategy.offload_optimizer" if sc.offload_optimizer == "nvme" else "strategy.offload_params",
-                          "NVMe offload is not supported: ft-dist's sharded checkpoints read and write each rank's "
-                          "states in memory; use cpu (strategy=zero3_offload)")
+        raise ConfigError(
+            "strategy.offload_optimizer" if sc.offload_optimizer == "nvme" else "strategy.offload_params",
+            "NVMe offload is not supported: ft-dist's sharded checkpoints read and write each rank's "
+            "states in memory; use cpu (strategy=zero3_offload)",
+        )
     if sc.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("strategy.zero_stage", f"expected 0, 1, 2 or 3, got {sc.zero_stage}")
     if sc.name == "deepspeed" and sc.zero_stage == 0:
-        raise ConfigError("strategy.zero_stage", "expected 1, 2 or 3 with strategy.name=deepspeed (use strategy=ddp for no sharding)")
+        raise ConfigError(
+            "strategy.zero_stage", "expected 1, 2 or 3 with strategy.name=deepspeed (use strategy=ddp for no sharding)"
+        )
     if sc.name != "deepspeed" and (sc.zero_stage or sc.offload_optimizer != "none" or sc.offload_params != "none"):
-        raise ConfigError("strategy.name", f"zero_stage and offload_* are DeepSpeed settings; got them with strategy {sc.name}")
+        raise ConfigError(
+            "strategy.name", f"zero_stage and offload_* are DeepSpeed settings; got them with strategy {sc.name}"
+        )
     if sc.offload_params != "none" and sc.zero_stage != 3:
         raise ConfigError("strategy.offload_params", "parameter offload needs ZeRO stage 3 (strategy=zero3_offload)")
     dr = getattr(cfg, "dry_run", None)
@@ -246,26 +257,41 @@ def launched_world_size() -> int:
 
 
 def single_needs_one_process(world_size: int) -> str:
-    return (f"single runs one process, but {world_size} were launched (WORLD_SIZE={world_size}); choose "
-            "strategy=ddp, fsdp or a zero stage, or launch one process")
+    return (
+        f"single runs one process, but {world_size} were launched (WORLD_SIZE={world_size}); choose "
+        "strategy=ddp, fsdp or a zero stage, or launch one process"
+    )
 
 
 def validate_dry_run(cfg: RunConfig) -> None:
     """What a dry run can simulate, refused in one line before anything is built."""
     dr, sc = cfg.dry_run, cfg.strategy
     if dr.world_size < 2:
-        raise ConfigError("dry_run.world_size", f"expected >= 2 ranks to simulate (0 for a real run), got {dr.world_size}")
+        raise ConfigError(
+            "dry_run.world_size", f"expected >= 2 ranks to simulate (0 for a real run), got {dr.world_size}"
+        )
     if dr.gpus_per_node < 1 or (dr.world_size % dr.gpus_per_node and dr.world_size > dr.gpus_per_node):
-        raise ConfigError("dry_run.gpus_per_node", f"expected a divisor of dry_run.world_size={dr.world_size}, got {dr.gpus_per_node}")
+        raise ConfigError(
+            "dry_run.gpus_per_node", f"expected a divisor of dry_run.world_size={dr.world_size}, got {dr.gpus_per_node}"
+        )
     if dr.steps < 1:
         raise ConfigError("dry_run.steps", f"expected >= 1, got {dr.steps}")
     if not (sc.name == "fsdp" or (sc.name == "deepspeed" and sc.zero_stage == 3)):
-        raise ConfigError("strategy", f"a dry run simulates the sharded strategies (strategy=fsdp or zero3), got "
-                                      f"{sc.name}{' stage ' + str(sc.zero_stage) if sc.zero_stage else ''}; "
-                                      "ft-plan gives the analytic figure for the others")
+        raise ConfigError(
+            "strategy",
+            f"a dry run simulates the sharded strategies (strategy=fsdp or zero3), got "
+            f"{sc.name}{' stage ' + str(sc.zero_stage) if sc.zero_stage else ''}; "
+            "ft-plan gives the analytic figure for the others",
+        )
     if sc.offload_params != "none" or sc.offload_optimizer != "none" or sc.cpu_offload:
-        raise ConfigError("strategy", "a dry run measures device memory; offloaded states live on the host, "
-                                      "whose use ft-plan estimates: dry-run the same strategy without offload")
+        raise ConfigError(
+            "strategy",
+            "a dry run measures device memory; offloaded states live on the host, "
+            "whose use ft-plan estimates: dry-run the same strategy without offload",
+        )
     if not cfg.model.arch or "model_type" not in cfg.model.arch:
-        raise ConfigError("model.arch", "a dry run builds the model from its architecture (no weights are read); "
-                                        "expected model.arch with the HF config fields, as in conf/model/")
+        raise ConfigError(
+            "model.arch",
+            "a dry run builds the model from its architecture (no weights are read); "
+            "expected model.arch with the HF config fields, as in conf/model/",
+        )

@@ -98,8 +98,9 @@ def _attempt_store() -> Any:
         return None
     from torch.distributed.constants import default_pg_timeout
 
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=default_pg_timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=default_pg_timeout
+    )
     return dist.PrefixStore(f"ft-dist/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 

@@ -44,9 +44,14 @@ class CollectiveBytes:
     """Counts the c10d collectives a step issues and their sizes, at the dispatcher (CommDebugMode counts only)."""
 
     # op -> (name, index of the full-size buffer, index of this rank's part)
-    _OPS = {"_allgather_base_": ("all_gather", 0, 1), "_reduce_scatter_base_": ("reduce_scatter", 1, 0),
-            "allreduce_": ("all_reduce", 0, 0), "broadcast_": ("broadcast", 0, 0),
-            "allgather_": ("all_gather", 0, 1), "reduce_scatter_": ("reduce_scatter", 1, 0)}
+    _OPS = {
+        "_allgather_base_": ("all_gather", 0, 1),
+        "_reduce_scatter_base_": ("reduce_scatter", 1, 0),
+        "allreduce_": ("all_reduce", 0, 0),
+        "broadcast_": ("broadcast", 0, 0),
+        "allgather_": ("all_gather", 0, 1),
+        "reduce_scatter_": ("reduce_scatter", 1, 0),
+    }
 
     def __init__(self) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -130,13 +135,22 @@ def planner_setup(cfg: RunConfig) -> Any:
 
     dr = cfg.dry_run
     strategy = _strategy_name(cfg)
-    return TrainingSetup(peft=cfg.peft.method, lora_rank=cfg.peft.r, lora_targets=tuple(cfg.peft.target_modules),
-                         precision=cfg.train.precision, optimizer=cfg.train.optimizer, strategy=strategy,
-                         nodes=max(1, dr.world_size // dr.gpus_per_node),
-                         gpus_per_node=min(dr.gpus_per_node, dr.world_size),
-                         micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_seq_len,
-                         grad_accum=cfg.train.grad_accum, activation_checkpointing=cfg.model.gradient_checkpointing,
-                         attention=cfg.model.attn_implementation, device="cpu")
+    return TrainingSetup(
+        peft=cfg.peft.method,
+        lora_rank=cfg.peft.r,
+        lora_targets=tuple(cfg.peft.target_modules),
+        precision=cfg.train.precision,
+        optimizer=cfg.train.optimizer,
+        strategy=strategy,
+        nodes=max(1, dr.world_size // dr.gpus_per_node),
+        gpus_per_node=min(dr.gpus_per_node, dr.world_size),
+        micro_batch=cfg.train.micro_batch_size,
+        seq_len=cfg.data.max_seq_len,
+        grad_accum=cfg.train.grad_accum,
+        activation_checkpointing=cfg.model.gradient_checkpointing,
+        attention=cfg.model.attn_implementation,
+        device="cpu",
+    )
 
 
 def simulate(cfg: RunConfig) -> Dict[str, Any]:
@@ -150,12 +164,18 @@ def simulate(cfg: RunConfig) -> Dict[str, Any]:
     t0 = time.time()
     _single_sequences_under_fake_tensors(packed=bool(cfg.data.packing))
     model_cfg = OmegaConf.merge(cfg.model, {"from_config": True})  # the architecture; nothing is read
-    report: Dict[str, Any] = {"model": cfg.model.name, "strategy": _strategy_name(cfg),
-                              "world_size": cfg.dry_run.world_size, "precision": cfg.train.precision,
-                              "peft": cfg.peft.method, "micro_batch": cfg.train.micro_batch_size,
-                              "seq_len": cfg.data.max_seq_len, "grad_accum": cfg.train.grad_accum,
-                              "gradient_checkpointing": bool(cfg.model.gradient_checkpointing),
-                              "fake_tensors": bool(cfg.dry_run.fake_tensors)}
+    report: Dict[str, Any] = {
+        "model": cfg.model.name,
+        "strategy": _strategy_name(cfg),
+        "world_size": cfg.dry_run.world_size,
+        "precision": cfg.train.precision,
+        "peft": cfg.peft.method,
+        "micro_batch": cfg.train.micro_batch_size,
+        "seq_len": cfg.data.max_seq_len,
+        "grad_accum": cfg.train.grad_accum,
+        "gradient_checkpointing": bool(cfg.model.gradient_checkpointing),
+        "fake_tensors": bool(cfg.dry_run.fake_tensors),
+    }
     real = not cfg.dry_run.fake_tensors
     # Under the fake process group the per-location warning registry is re-armed between calls (any change of the
     # filters does that), so a 70B ZeRO-3 step printed the same torch deprecation thousands of times. Show each once.
@@ -242,8 +262,12 @@ def _train_steps(cfg: RunConfig, strategy: Any, world: dist.World, real: bool, r
             report["optimizer_step_peak"] = _peak(tracker)
     report["step_seconds"] = round((time.time() - t1) / cfg.dry_run.steps, 1)
     if _is_fsdp(strategy):
-        opt_states = _local_bytes(v for s in strategy.optimizer.state.values() for v in s.values()
-                                  if isinstance(v, torch.Tensor) and v.dim() > 0)
+        opt_states = _local_bytes(
+            v
+            for s in strategy.optimizer.state.values()
+            for v in s.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0
+        )
         report["model_states"] = {"params": _local_bytes(params), "grads": grads, "optimizer": opt_states}
     else:
         report["model_states"] = _zero3_states(strategy)
@@ -259,10 +283,14 @@ def _zero3_states(strategy: Any) -> Dict[str, int]:
     params = list(strategy.engine.module.parameters())
     lp = _local_bytes(p.ds_tensor for p in params)
     master = _local_bytes(zero.fp32_partitioned_groups_flat)
-    moments = _local_bytes(v for s in strategy.optimizer.state.values() for v in s.values()
-                           if isinstance(v, torch.Tensor) and v.dim() > 0)
-    grads = _local_bytes([zero.grad_partitions_flat_buffer]) if getattr(zero, "grad_partitions_flat_buffer", None) \
-        is not None else 4 * sum(p.ds_tensor.numel() for p in params if p.requires_grad)
+    moments = _local_bytes(
+        v for s in strategy.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
+    grads = (
+        _local_bytes([zero.grad_partitions_flat_buffer])
+        if getattr(zero, "grad_partitions_flat_buffer", None) is not None
+        else 4 * sum(p.ds_tensor.numel() for p in params if p.requires_grad)
+    )
     return {"params": lp + master, "grads": grads, "optimizer": moments}
 
 
@@ -341,11 +369,18 @@ def _planner_side(cfg: RunConfig, report: Dict[str, Any]) -> Dict[str, Any]:
     measured_acts = tp.get("Activation", 0) + tp.get("Temp", 0)
     planned_acts = peak.activations + peak.logits
     return {
-        "params": int(states.params), "grads": int(states.grads), "optimizer": int(states.optimizer),
-        "model_states": int(planned_states), "model_states_vs_measured": planned_states / measured_states - 1,
-        "activations_saved": int(acts.saved), "logits": int(acts.logits), "peak_phase": peak.peak_phase,
-        "activations_at_peak": int(planned_acts), "activations_vs_measured": planned_acts / max(measured_acts, 1) - 1,
-        "peak_tensors": int(peak.total), "peak_vs_measured": peak.total / max(tp.get("Total", 1), 1) - 1,
+        "params": int(states.params),
+        "grads": int(states.grads),
+        "optimizer": int(states.optimizer),
+        "model_states": int(planned_states),
+        "model_states_vs_measured": planned_states / measured_states - 1,
+        "activations_saved": int(acts.saved),
+        "logits": int(acts.logits),
+        "peak_phase": peak.peak_phase,
+        "activations_at_peak": int(planned_acts),
+        "activations_vs_measured": planned_acts / max(measured_acts, 1) - 1,
+        "peak_tensors": int(peak.total),
+        "peak_vs_measured": peak.total / max(tp.get("Total", 1), 1) - 1,
         "named_differences": named,
         "not_in_the_planner": {
             "gathered_units": tp.get("Unsharded Param", 0) + tp.get("All Gather", 0),
@@ -370,34 +405,48 @@ def format_report(r: Dict[str, Any]) -> str:
     g = lambda b: f"{b / GIB:8.2f}"  # noqa: E731
     tp, pl, st = r["train_peak"], r["planner"], r["model_states"]
     step = r.get("optimizer_step_peak", {})
-    lines = [f"dry run: {r['model']} ({r['parameters']:,} parameters, {r['trainable']:,} trainable), {r['strategy']} "
-             f"on {r['world_size']} ranks, {r['precision']}, micro-batch {r['micro_batch']} x seq {r['seq_len']} "
-             f"x accum {r['grad_accum']}{', activation checkpointing' if r['gradient_checkpointing'] else ''} "
-             f"({r['seconds']} s; fake tensors, fake process group)",
-             "per-rank peak of a training step's forward and backward (torch's memory tracker, GiB):"]
+    lines = [
+        f"dry run: {r['model']} ({r['parameters']:,} parameters, {r['trainable']:,} trainable), {r['strategy']} "
+        f"on {r['world_size']} ranks, {r['precision']}, micro-batch {r['micro_batch']} x seq {r['seq_len']} "
+        f"x accum {r['grad_accum']}{', activation checkpointing' if r['gradient_checkpointing'] else ''} "
+        f"({r['seconds']} s; fake tensors, fake process group)",
+        "per-rank peak of a training step's forward and backward (torch's memory tracker, GiB):",
+    ]
     lines += [f"  {k:<16}{g(v)}" for k, v in tp.items() if v and k != "Total"]
-    lines.append(f"  {'total':<16}{g(tp['Total'])}   (forward/backward; optimizer step "
-                 f"{g(step.get('Total', 0)).strip()} GiB{', an upper bound on fake tensors' if r['fake_tensors'] else ''})")
-    lines.append(f"  save path peak {g(r['save_peak']['Total']).strip()} GiB, "
-                 f"checkpoint {g(r['save_peak']['checkpoint_bytes']).strip()} GiB written by this rank")
+    lines.append(
+        f"  {'total':<16}{g(tp['Total'])}   (forward/backward; optimizer step "
+        f"{g(step.get('Total', 0)).strip()} GiB{', an upper bound on fake tensors' if r['fake_tensors'] else ''})"
+    )
+    lines.append(
+        f"  save path peak {g(r['save_peak']['Total']).strip()} GiB, "
+        f"checkpoint {g(r['save_peak']['checkpoint_bytes']).strip()} GiB written by this rank"
+    )
     lines.append("collectives per step (this rank):")
     for name, c in r["collectives"].items():
-        lines.append(f"  {name:<16}{c['count']:6d} calls, {c['full_bytes'] / 1e9:9.2f} GB gathered/reduced, "
-                     f"{c['rank_bytes'] / 1e9:8.2f} GB this rank's part")
+        lines.append(
+            f"  {name:<16}{c['count']:6d} calls, {c['full_bytes'] / 1e9:9.2f} GB gathered/reduced, "
+            f"{c['rank_bytes'] / 1e9:8.2f} GB this rank's part"
+        )
     lines.append(f"{'':<26}{'dry run':>10}{'planner':>10}{'diff':>9}")
     ms, ps = sum(st.values()), pl["model_states"]
     lines.append(f"  {'model states GiB':<24}{g(ms):>10}{g(ps):>10}{100 * pl['model_states_vs_measured']:+8.1f}%")
     ma = tp.get("Activation", 0) + tp.get("Temp", 0)
-    lines.append(f"  {'activations GiB':<24}{g(ma):>10}{g(pl['activations_at_peak']):>10}"
-                 f"{100 * pl['activations_vs_measured']:+8.1f}%")
-    lines.append(f"  {'step peak GiB':<24}{g(tp['Total']):>10}{g(pl['peak_tensors']):>10}{100 * pl['peak_vs_measured']:+8.1f}%")
+    lines.append(
+        f"  {'activations GiB':<24}{g(ma):>10}{g(pl['activations_at_peak']):>10}"
+        f"{100 * pl['activations_vs_measured']:+8.1f}%"
+    )
+    lines.append(
+        f"  {'step peak GiB':<24}{g(tp['Total']):>10}{g(pl['peak_tensors']):>10}{100 * pl['peak_vs_measured']:+8.1f}%"
+    )
     for term, nbytes in pl.get("named_differences", {}).items():
         lines.append(f"  planner term set aside for the comparison: {term.replace('_', ' ')} {nbytes / GIB:.2f} GiB")
     extra = pl["not_in_the_planner"]
     if any(extra.values()):
-        lines.append(f"  the planner leaves out FSDP's gathered units ({extra['gathered_units'] / GIB:.2f} GiB) and "
-                     f"reduce-scatter buffers ({extra['reduce_scatter_buffers'] / GIB:.2f} GiB) in its tensor figure "
-                     "(it counts them as communication buffers on GPUs)")
+        lines.append(
+            f"  the planner leaves out FSDP's gathered units ({extra['gathered_units'] / GIB:.2f} GiB) and "
+            f"reduce-scatter buffers ({extra['reduce_scatter_buffers'] / GIB:.2f} GiB) in its tensor figure "
+            "(it counts them as communication buffers on GPUs)"
+        )
     return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 def hf_name(name: str) -> str:
     """The name transformers uses for a parameter of the (PEFT-wrapped) training model."""
     if name.startswith("base_model.model."):
-        name = name[len("base_model.model."):]
+        name = name[len("base_model.model.") :]
     return name.replace(".base_layer.", ".")
 
 
@@ -62,8 +62,11 @@ def load_hf_weights(targets: Mapping[str, Any], model_dir: Path) -> None:
     stored = set(hf_tensor_names(model_dir))
     missing = sorted(set(by_hf) - stored)
     if missing:
-        raise ConfigError("model.name_or_path", f"{model_dir} lacks {len(missing)} weights of this architecture "
-                                                f"(e.g. {missing[0]!r}); expected a checkpoint of the same model")
+        raise ConfigError(
+            "model.name_or_path",
+            f"{model_dir} lacks {len(missing)} weights of this architecture "
+            f"(e.g. {missing[0]!r}); expected a checkpoint of the same model",
+        )
     dcp.load(by_hf, storage_reader=HuggingFaceStorageReader(str(model_dir)))
 
 
@@ -93,7 +96,9 @@ class ShardedSafetensorsWriter:
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
-        save_file(self.pending, str(self.directory / f".shard-{len(self.files):05d}.safetensors"), metadata={"format": "pt"})
+        save_file(
+            self.pending, str(self.directory / f".shard-{len(self.files):05d}.safetensors"), metadata={"format": "pt"}
+        )
         self.files.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
@@ -141,9 +146,17 @@ class _LoraMerger:
         return weight.float() + delta.float()
 
 
-def write_hf_model(units: Iterable[Mapping[str, torch.Tensor]], twin: nn.Module, tokenizer: Any, target: Path,
-                   dtype: torch.dtype, merge_lora: bool, max_shard_bytes: int, extra_files: Mapping[str, str],
-                   write: bool = True) -> Optional[Path]:
+def write_hf_model(
+    units: Iterable[Mapping[str, torch.Tensor]],
+    twin: nn.Module,
+    tokenizer: Any,
+    target: Path,
+    dtype: torch.dtype,
+    merge_lora: bool,
+    max_shard_bytes: int,
+    extra_files: Mapping[str, str],
+    write: bool = True,
+) -> Optional[Path]:
     """Stream `units` (full tensors keyed by training-model name, one unit at a time) into an HF model dir.
 
     `twin` is the same (PEFT-wrapped) model on the meta device: it gives the config, the class name and the LoRA
@@ -166,7 +179,11 @@ def write_hf_model(units: Iterable[Mapping[str, torch.Tensor]], twin: nn.Module,
             for name, tensor in unit.items():
                 if is_adapter_name(name) or writer is None:
                     continue
-                value = merger.merged(name, tensor) if merger is not None and name.endswith(".base_layer.weight") else tensor
+                value = (
+                    merger.merged(name, tensor)
+                    if merger is not None and name.endswith(".base_layer.weight")
+                    else tensor
+                )
                 writer.add(hf_name(name), value, dtype)
         base = twin.get_base_model() if is_peft else twin
         if writer is not None:
@@ -193,5 +210,7 @@ def _write_adapter(twin: nn.Module, adapters: Dict[str, torch.Tensor], out: Path
 
     out.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(twin, state_dict=adapters)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"), metadata={"format": "pt"}
+    )
     twin.peft_config["default"].save_pretrained(str(out))

@@ -55,8 +55,9 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def forward_backward(strategy: Strategy, batches: List[Dict[str, torch.Tensor]], n_global: float,
-                     poison: bool = False) -> torch.Tensor:
+def forward_backward(
+    strategy: Strategy, batches: List[Dict[str, torch.Tensor]], n_global: float, poison: bool = False
+) -> torch.Tensor:
     """Forward and backward over one optimizer step's micro-batches (gradient sync on the last one only).
 
     Returns the step's loss on this rank as a device tensor (no host sync here). Each micro-batch's loss is its
@@ -74,10 +75,18 @@ def forward_backward(strategy: Strategy, batches: List[Dict[str, torch.Tensor]],
     return total
 
 
-def train_loop(tc: TrainConfig, eval_batch_size: int, strategy: Strategy, data: PreparedData, tracker: Tracker, pad_id: int,
-               checkpoints: CheckpointManager, extra_eval: Optional[Callable[[], Dict[str, float]]] = None,
-               memory: Optional[PhaseMemory] = None,
-               progress: Callable[..., None] = lambda phase, step=None: None) -> LoopResult:
+def train_loop(
+    tc: TrainConfig,
+    eval_batch_size: int,
+    strategy: Strategy,
+    data: PreparedData,
+    tracker: Tracker,
+    pad_id: int,
+    checkpoints: CheckpointManager,
+    extra_eval: Optional[Callable[[], Dict[str, float]]] = None,
+    memory: Optional[PhaseMemory] = None,
+    progress: Callable[..., None] = lambda phase, step=None: None,
+) -> LoopResult:
     """Train for `tc`'s steps (eval batches of `eval_batch_size`); `extra_eval` adds metrics (e.g. a generation sample) at each periodic eval.
 
     `memory` records the peak of each phase (train steps, eval, save, resume) on this rank; `progress(phase, step)`
@@ -95,8 +104,10 @@ def train_loop(tc: TrainConfig, eval_batch_size: int, strategy: Strategy, data: 
     checkpoints.bind(strategy, scheduler, sampler.global_batch, memory, progress)
     start_step = checkpoints.restore(tracker)
     result.start_step = start_step
-    dist.log(f"training: {steps} steps, global batch {sampler.global_batch} = micro {tc.micro_batch_size} x accum "
-             f"{tc.grad_accum} x world {world.size}, {len(data.train)} train / {len(data.test)} test examples")
+    dist.log(
+        f"training: {steps} steps, global batch {sampler.global_batch} = micro {tc.micro_batch_size} x accum "
+        f"{tc.grad_accum} x world {world.size}, {len(data.train)} train / {len(data.test)} test examples"
+    )
     strategy.model.train()
     tracker.start_progress(steps, initial=start_step)
     start = time.time()
@@ -111,12 +122,20 @@ def train_loop(tc: TrainConfig, eval_batch_size: int, strategy: Strategy, data: 
         tokens = float(sum(count_real_tokens(b) for b in cpu_batches))
         with memory.phase("train"):
             progress("forward/backward", step + 1)
-            loss_sum = float(forward_backward(strategy, [to_device(b, world.device) for b in cpu_batches], n_global,
-                                              poison=any(hooks.fire("nan_loss", step=step + 1, rank=world.rank))))
+            loss_sum = float(
+                forward_backward(
+                    strategy,
+                    [to_device(b, world.device) for b in cpu_batches],
+                    n_global,
+                    poison=any(hooks.fire("nan_loss", step=step + 1, rank=world.rank)),
+                )
+            )
             progress("loss all-reduce and optimizer step", step + 1)
             due = checkpoints.due_by_time()
             # One all-reduce per step carries the loss, the token count and every rank's stop/save requests.
-            loss, tokens, preempt, due = dist.all_reduce_sum([loss_sum, tokens, float(dist.preemption_signalled()), float(due)])
+            loss, tokens, preempt, due = dist.all_reduce_sum(
+                [loss_sum, tokens, float(dist.preemption_signalled()), float(due)]
+            )
             done = step + 1
             if not math.isfinite(loss) and not strategy.can_skip_steps:
                 grad_norm = float("nan")
@@ -134,14 +153,18 @@ def train_loop(tc: TrainConfig, eval_batch_size: int, strategy: Strategy, data: 
             # weights are still those from before the first bad step: that is what a stop checkpoints.
             bad_in_a_row += 1
             result.skipped_steps += 1
-            dist.log(f"step {done}: non-finite loss {loss} / grad norm {grad_norm}: update skipped ({bad_in_a_row} in a row)")
+            dist.log(
+                f"step {done}: non-finite loss {loss} / grad norm {grad_norm}: update skipped ({bad_in_a_row} in a row)"
+            )
             if bad_in_a_row >= tc.nonfinite_limit or not strategy.can_skip_steps:
                 first_bad = done - bad_in_a_row + 1
                 if first_bad > 1:
                     checkpoints.save(first_bad - 1)
-                raise TrainingDiverged(f"training diverged: {bad_in_a_row} steps in a row with NaN/Inf loss or gradients "
-                                       f"(first at step {first_bad}); lower train.lr or check the data. The weights "
-                                       f"from before step {first_bad} are in {checkpoints.out_dir / CHECKPOINTS}")
+                raise TrainingDiverged(
+                    f"training diverged: {bad_in_a_row} steps in a row with NaN/Inf loss or gradients "
+                    f"(first at step {first_bad}); lower train.lr or check the data. The weights "
+                    f"from before step {first_bad} are in {checkpoints.out_dir / CHECKPOINTS}"
+                )
             lr = scheduler.get_last_lr()[0]
         result.train_losses.append(loss)
         result.tokens += int(tokens)
@@ -150,10 +173,15 @@ def train_loop(tc: TrainConfig, eval_batch_size: int, strategy: Strategy, data: 
         if done % tc.log_every == 0 or done == steps:
             now = time.time()
             elapsed = now - start  # this attempt's: the rate the ETA extrapolates
-            metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                       "elapsed_s": tracker.elapsed(), "eta_s": elapsed / (done - start_step) * (steps - done),
-                       "memory_gb": memory_gb(world.device)}
+            metrics = {
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                "elapsed_s": tracker.elapsed(),
+                "eta_s": elapsed / (done - start_step) * (steps - done),
+                "memory_gb": memory_gb(world.device),
+            }
             tracker.log(done, metrics)
             window_tokens, window_start = 0.0, now
         progress("after step", done)
@@ -161,7 +189,9 @@ def train_loop(tc: TrainConfig, eval_batch_size: int, strategy: Strategy, data: 
         if (tc.eval_every and done % tc.eval_every == 0) or done == steps:
             progress("eval", done)
             with memory.phase("eval"):
-                ev = evaluate_loss(strategy, data.test, pad_id, eval_batch_size, tc.eval_batches if done != steps else 0)
+                ev = evaluate_loss(
+                    strategy, data.test, pad_id, eval_batch_size, tc.eval_batches if done != steps else 0
+                )
                 if extra_eval is not None and done != steps:
                     ev.update(extra_eval())
             ev["step"] = done
@@ -170,7 +200,9 @@ def train_loop(tc: TrainConfig, eval_batch_size: int, strategy: Strategy, data: 
             dist.log(f"step {done}/{steps}: eval_loss {ev['eval_loss']:.4f} (perplexity {ev['eval_perplexity']:.2f})")
         checkpoints.after_step(done, preempted=bool(preempt), due=bool(due))
         if preempt:
-            dist.log(f"preempted: checkpoint saved at step {done}; exiting with code 85 (requeue; train.resume=auto continues)")
+            dist.log(
+                f"preempted: checkpoint saved at step {done}; exiting with code 85 (requeue; train.resume=auto continues)"
+            )
             result.preempted = True
             break
     if start_step >= steps:  # resumed a run that had already finished: just report where it stands

@@ -52,12 +52,16 @@ def load_tokenizer(model_cfg: ModelConfig, path: Optional[str] = None) -> Any:
         try:
             tok = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
         except (OSError, ValueError) as err:
-            raise ConfigError("model.tokenizer", f"could not load a tokenizer from {source!r}: {str(err).splitlines()[0]}") from err
+            raise ConfigError(
+                "model.tokenizer", f"could not load a tokenizer from {source!r}: {str(err).splitlines()[0]}"
+            ) from err
     if tok.eos_token is None:
         vocab = tok.get_vocab()
         found = next((t for t in _EOS_CANDIDATES if t in vocab), None)
         if found is None:
-            raise ConfigError("model.tokenizer", f"tokenizer {source!r} has no EOS token (looked for {_EOS_CANDIDATES})")
+            raise ConfigError(
+                "model.tokenizer", f"tokenizer {source!r} has no EOS token (looked for {_EOS_CANDIDATES})"
+            )
         tok.eos_token = found
     if tok.pad_token is None:
         # Padding positions are masked by length, never by id, so sharing the EOS id is safe.
@@ -70,7 +74,11 @@ def architecture_config(model_cfg: ModelConfig) -> Any:
     from omegaconf import OmegaConf
     from transformers import AutoConfig
 
-    arch = OmegaConf.to_container(model_cfg.arch, resolve=True) if OmegaConf.is_config(model_cfg.arch) else dict(model_cfg.arch)
+    arch = (
+        OmegaConf.to_container(model_cfg.arch, resolve=True)
+        if OmegaConf.is_config(model_cfg.arch)
+        else dict(model_cfg.arch)
+    )
     model_type = arch.pop("model_type")
     try:
         return AutoConfig.for_model(model_type, **arch)
@@ -78,8 +86,14 @@ def architecture_config(model_cfg: ModelConfig) -> Any:
         raise ConfigError("model.arch.model_type", str(err).splitlines()[0]) from err
 
 
-def build_model(model_cfg: ModelConfig, tokenizer: Any, path: Optional[str] = None, dtype: torch.dtype = torch.float32,
-                meta: bool = False, init: bool = True) -> nn.Module:
+def build_model(
+    model_cfg: ModelConfig,
+    tokenizer: Any,
+    path: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+    meta: bool = False,
+    init: bool = True,
+) -> nn.Module:
     """A causal LM: from a saved dir `path`, from pretrained `name_or_path`, or random init from `arch`.
 
     Random init draws from torch's global RNG, so the caller seeds first and every rank builds the same weights.
@@ -97,12 +111,17 @@ def build_model(model_cfg: ModelConfig, tokenizer: Any, path: Optional[str] = No
         model = AutoModelForCausalLM.from_pretrained(path or model_cfg.name_or_path, dtype=dtype, **common)
     else:
         if pretrained:
-            config = AutoConfig.from_pretrained(path or model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+            config = AutoConfig.from_pretrained(
+                path or model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code
+            )
         else:
             config = architecture_config(model_cfg)
         if tokenizer is not None:  # None: a dry run, which reads no tokenizer (the architecture suffices)
             if getattr(config, "vocab_size", 0) < len(tokenizer):
-                raise ConfigError("model.arch.vocab_size", f"expected >= the tokenizer's {len(tokenizer)} tokens, got {config.vocab_size}")
+                raise ConfigError(
+                    "model.arch.vocab_size",
+                    f"expected >= the tokenizer's {len(tokenizer)} tokens, got {config.vocab_size}",
+                )
             config.pad_token_id = tokenizer.pad_token_id
             config.eos_token_id = tokenizer.eos_token_id
         # A pretrained model built without reading its weights is never initialised either: every value is
@@ -184,7 +203,9 @@ def is_adapter_name(name: str) -> bool:
     return any(part.startswith("lora_") for part in name.split("."))
 
 
-def initial_values(twin: nn.Module, seed: int, adapter_seed: int, adapters_only: bool) -> Iterator[Dict[str, torch.Tensor]]:
+def initial_values(
+    twin: nn.Module, seed: int, adapter_seed: int, adapters_only: bool
+) -> Iterator[Dict[str, torch.Tensor]]:
     """The initial value of every parameter of the meta-device model `twin`, one module at a time (bounded memory).
 
     For sharded models that cannot run an ordinary init: each module is materialised alone on the CPU,
@@ -256,13 +277,21 @@ def resolve_weights_dir(name_or_path: str) -> Path:
         patterns = ["*.json", "*.safetensors"]
         with dist.main_first():
             try:
-                path = Path(snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=not dist.is_main()))
+                path = Path(
+                    snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=not dist.is_main())
+                )
             except Exception as err:  # offline, unknown id, gated repo
-                raise ConfigError("model.name_or_path", f"expected a local model directory or a reachable hub id, "
-                                                        f"got {name_or_path!r}: {str(err).splitlines()[0]}") from err
+                raise ConfigError(
+                    "model.name_or_path",
+                    f"expected a local model directory or a reachable hub id, "
+                    f"got {name_or_path!r}: {str(err).splitlines()[0]}",
+                ) from err
     if not any(path.glob("*.safetensors")):
-        raise ConfigError("model.name_or_path", f"expected safetensors weights in {path} (found none); convert "
-                                                "pickled .bin weights with transformers' save_pretrained(safe_serialization=True)")
+        raise ConfigError(
+            "model.name_or_path",
+            f"expected safetensors weights in {path} (found none); convert "
+            "pickled .bin weights with transformers' save_pretrained(safe_serialization=True)",
+        )
     return path
 
 
@@ -272,7 +301,9 @@ def transformer_blocks(model: nn.Module) -> List[nn.Module]:
     names = set(getattr(base, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
-        raise ConfigError("strategy", f"found no transformer blocks ({sorted(names)}) to shard in {type(base).__name__}")
+        raise ConfigError(
+            "strategy", f"found no transformer blocks ({sorted(names)}) to shard in {type(base).__name__}"
+        )
     return blocks
 
 
@@ -313,8 +344,10 @@ def recompute_non_persistent_buffers(model: nn.Module) -> None:
         if not missing:
             continue
         if not hasattr(module, "config"):
-            raise NotImplementedError(f"cannot rebuild the non-persistent buffers {missing} of {name} "
-                                      f"({type(module).__name__}): its constructor takes no config")
+            raise NotImplementedError(
+                f"cannot rebuild the non-persistent buffers {missing} of {name} "
+                f"({type(module).__name__}): its constructor takes no config"
+            )
         twin = type(module)(module.config)
         for buf in missing:
             module._buffers[buf] = twin._buffers[buf].to(module._buffers[buf].device)

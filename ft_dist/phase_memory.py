@@ -103,10 +103,15 @@ def format_phase_table(records: List[Dict[str, Any]], model_bytes: Optional[int]
     for r in records:
         names += [n for n in r["phases"] if n not in names]
     gib = 2**30
-    head = f"{'phase':<14}{'host peak GiB':>15}" + (f"{'GPU alloc GiB':>15}" if "device_allocated_peak" in
-                                                     next(iter(records[0]["phases"].values()), {}) else "")
-    lines = [f"memory per rank (max over {len(records)} ranks; baseline {max(r['baseline'] for r in records) / gib:.2f} GiB"
-             + (f"; full model states {model_bytes / gib:.2f} GiB" if model_bytes else "") + ")", head]
+    head = f"{'phase':<14}{'host peak GiB':>15}" + (
+        f"{'GPU alloc GiB':>15}" if "device_allocated_peak" in next(iter(records[0]["phases"].values()), {}) else ""
+    )
+    lines = [
+        f"memory per rank (max over {len(records)} ranks; baseline {max(r['baseline'] for r in records) / gib:.2f} GiB"
+        + (f"; full model states {model_bytes / gib:.2f} GiB" if model_bytes else "")
+        + ")",
+        head,
+    ]
     for n in names:
         host = max(r["phases"].get(n, {}).get("host_peak", 0) for r in records)
         line = f"{n:<14}{host / gib:>15.2f}"

@@ -22,8 +22,15 @@ from ft_dist.errors import ConfigError
 _NO_DEFAULT: Any = object()
 
 
-def setting(default: Any = _NO_DEFAULT, *, factory: Any = None, choices: Any = None, positive: bool = False,
-            non_negative: bool = False, identity: bool = True) -> Any:
+def setting(
+    default: Any = _NO_DEFAULT,
+    *,
+    factory: Any = None,
+    choices: Any = None,
+    positive: bool = False,
+    non_negative: bool = False,
+    identity: bool = True,
+) -> Any:
     """A dataclass field with its declared constraints (`choices`: a Literal type or a tuple of values)."""
     metadata: Dict[str, Any] = {"identity": identity}
     if choices is not None:
@@ -69,7 +76,9 @@ def check_fields(schema: type, node: Any, prefix: str = "") -> None:
             raise ConfigError(key, f"expected a value >= {bound}, got {value!r}")
 
 
-def identity(schema: type, node: Any, skip: Iterable[str] = (), plain: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def identity(
+    schema: type, node: Any, skip: Iterable[str] = (), plain: Optional[Dict[str, Any]] = None
+) -> Dict[str, Any]:
     """The fields of `node` that identify a result (every field not declared `identity=False`, minus `skip`).
 
     `plain`: the same config as plain containers (OmegaConf.to_container), to take the values from.
@@ -77,5 +86,8 @@ def identity(schema: type, node: Any, skip: Iterable[str] = (), plain: Optional[
     skipped = set(skip)
     source = plain if plain is not None else node
     get = source.get if isinstance(source, dict) else (lambda k: getattr(source, k))
-    return {f.name: get(f.name) for f in dataclasses.fields(schema)
-            if f.metadata.get("identity", True) and f.name not in skipped}
+    return {
+        f.name: get(f.name)
+        for f in dataclasses.fields(schema)
+        if f.metadata.get("identity", True) and f.name not in skipped
+    }

@@ -66,8 +66,14 @@ class Tracker:
             return
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                        disable=os.environ.get("FT_DIST_NO_PROGRESS") == "1")
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=os.environ.get("FT_DIST_NO_PROGRESS") == "1",
+        )
 
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
         if not self.active:
@@ -121,9 +127,16 @@ def _start_wandb(output_dir: Path, logger_cfg: LoggerConfig, config: Dict[str, A
     try:
         import wandb
 
-        run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, group=logger_cfg.group,
-                         tags=list(logger_cfg.tags) or None, config=scrub_secrets(config), dir=str(output_dir),
-                         mode=mode, settings=wandb.Settings(init_timeout=60, console="off"))
+        run = wandb.init(
+            project=logger_cfg.project,
+            entity=logger_cfg.entity,
+            group=logger_cfg.group,
+            tags=list(logger_cfg.tags) or None,
+            config=scrub_secrets(config),
+            dir=str(output_dir),
+            mode=mode,
+            settings=wandb.Settings(init_timeout=60, console="off"),
+        )
         plan = output_dir / "plan.json"  # written by ft-plan into the run dir it planned
         if plan.exists():
             run.config.update({"plan": json.loads(plan.read_text())}, allow_val_change=True)

@@ -46,17 +46,26 @@ class Watchdog:
             self.dir.mkdir(parents=True, exist_ok=True)
         # One token per attempt: a restarted job ignores the heartbeats and HANG file of the dead one.
         self.token = dist.broadcast_object(uuid.uuid4().hex if world.is_main else None)
-        self.state: Dict[str, Any] = {"rank": world.rank, "host": socket.gethostname(), "pid": os.getpid(),
-                                      "token": self.token, "step": 0, "phase": "start", "seq": 0,
-                                      "since": time.time(), "collective": ""}
+        self.state: Dict[str, Any] = {
+            "rank": world.rank,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": self.token,
+            "step": 0,
+            "phase": "start",
+            "seq": 0,
+            "since": time.time(),
+            "collective": "",
+        }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ft-dist-watchdog", daemon=True)
         self._thread.start()
 
     def progress(self, phase: str, step: Optional[int] = None) -> None:
         """Called by the loop between units of work: each call is progress (and says where the rank is)."""
-        self.state.update(phase=phase, seq=self.state["seq"] + 1, since=time.time(),
-                          **({"step": step} if step is not None else {}))
+        self.state.update(
+            phase=phase, seq=self.state["seq"] + 1, since=time.time(), **({"step": step} if step is not None else {})
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -118,14 +127,22 @@ class Watchdog:
         behind = min(b["seq"] for b in beats)
         stuck = [b for b in beats if b["seq"] == behind]
         silent = [r for r in range(self.world.size) if r not in {b["rank"] for b in beats}]
-        return {"token": self.token, "stuck": stuck, "waiting": [b for b in beats if b["seq"] != behind],
-                "silent": silent, "seconds": round(now - min(b["since"] for b in stuck)), "at": now}
+        return {
+            "token": self.token,
+            "stuck": stuck,
+            "waiting": [b for b in beats if b["seq"] != behind],
+            "silent": silent,
+            "seconds": round(now - min(b["since"] for b in stuck)),
+            "at": now,
+        }
 
     def _end(self, hang: Dict[str, Any]) -> None:
         rank = self.world.rank
         with open(self.dir / f"stack-rank-{rank}.txt", "w") as fh:
-            fh.write(f"rank {rank} host {self.state['host']} pid {self.state['pid']}: step {self.state['step']}, "
-                     f"phase {self.state['phase']}, last ft-dist collective {self.state['collective'] or '-'}\n")
+            fh.write(
+                f"rank {rank} host {self.state['host']} pid {self.state['pid']}: step {self.state['step']}, "
+                f"phase {self.state['phase']}, last ft-dist collective {self.state['collective'] or '-'}\n"
+            )
             fh.flush()
             faulthandler.dump_traceback(file=fh, all_threads=True)
         self._dump_nccl_trace()
@@ -134,7 +151,8 @@ class Watchdog:
             # Wait (bounded) for every rank's stack, so the summary can show the stuck ranks' own.
             deadline = time.time() + 3 * self.interval + 10
             while time.time() < deadline and not all(
-                    (self.dir / f"stack-rank-{r}.txt").exists() for r in range(self.world.size)):
+                (self.dir / f"stack-rank-{r}.txt").exists() for r in range(self.world.size)
+            ):
                 time.sleep(0.2)
             print(summary(hang, self.dir), flush=True)
             for b in hang["stuck"]:
@@ -150,7 +168,6 @@ class Watchdog:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_HANG)  # the main thread is stuck: only a hard exit ends the process
-
 
     def _dump_nccl_trace(self) -> None:
         """On NCCL, the flight recorder's record of this rank's collectives (TORCH_NCCL_TRACE_BUFFER_SIZE > 0).
@@ -171,10 +188,14 @@ class Watchdog:
 
 def summary(hang: Dict[str, Any], where: Path) -> str:
     """One line: who is stuck, where, for how long, and what the others are doing."""
-    stuck = "; ".join(f"rank {b['rank']} (host {b['host']}, pid {b['pid']}) at step {b['step']} in {b['phase']}"
-                      for b in hang["stuck"])
+    stuck = "; ".join(
+        f"rank {b['rank']} (host {b['host']}, pid {b['pid']}) at step {b['step']} in {b['phase']}"
+        for b in hang["stuck"]
+    )
     waiting = sorted({f"{b['phase']} at step {b['step']}" for b in hang["waiting"]})
     others = f"; the other ranks wait in {', '.join(waiting)}" if waiting else "; every rank is stuck there"
     silent = f"; no heartbeat from rank(s) {', '.join(map(str, hang['silent']))}" if hang["silent"] else ""
-    return (f"hang: no progress for {hang['seconds']} s (train.hang_timeout_s): {stuck}{others}{silent}; stacks in "
-            f"{where}/stack-rank-*.txt; exiting {EXIT_HANG} so the job restarts from its last checkpoint")
+    return (
+        f"hang: no progress for {hang['seconds']} s (train.hang_timeout_s): {stuck}{others}{silent}; stacks in "
+        f"{where}/stack-rank-*.txt; exiting {EXIT_HANG} so the job restarts from its last checkpoint"
+    )

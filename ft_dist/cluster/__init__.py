@@ -28,8 +28,11 @@ def job_overrides(overrides: Sequence[str], world_size: int, output_dir: Optiona
     if world_size > 1 and "strategy=single" in out:  # refused here, before a job starts N processes to refuse it
         from ft_dist.errors import ConfigError
 
-        raise ConfigError("strategy", f"single runs one process, but this job launches {world_size}; choose "
-                                      "strategy=ddp, fsdp or a zero stage, or cluster.gpus_per_node=1 cluster.nodes=1")
+        raise ConfigError(
+            "strategy",
+            f"single runs one process, but this job launches {world_size}; choose "
+            "strategy=ddp, fsdp or a zero stage, or cluster.gpus_per_node=1 cluster.nodes=1",
+        )
     if world_size > 1 and not any(o.startswith("strategy=") for o in out):
         out.append("strategy=ddp")
     if output_dir is not None:

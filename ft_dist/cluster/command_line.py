@@ -37,29 +37,57 @@ def torchrun_args(nnodes: object, nproc: object, rendezvous: Rendezvous, max_res
     if rendezvous.address is None:
         return [*args, "--standalone"]
     if rendezvous.elastic_id is not None:
-        return [*args, "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{rendezvous.address}:{rendezvous.port}",
-                "--rdzv_id", rendezvous.elastic_id]
+        return [
+            *args,
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            f"{rendezvous.address}:{rendezvous.port}",
+            "--rdzv_id",
+            rendezvous.elastic_id,
+        ]
     return [*args, "--master_addr", rendezvous.address, "--master_port", str(rendezvous.port)]
 
 
 def deepspeed_args(nnodes: int, nproc: int, rendezvous: Rendezvous, node_rank: str) -> List[str]:
-    args = ["--num_nodes", str(nnodes), "--num_gpus", str(nproc), "--master_addr", str(rendezvous.address),
-            "--master_port", str(rendezvous.port)]
+    args = [
+        "--num_nodes",
+        str(nnodes),
+        "--num_gpus",
+        str(nproc),
+        "--master_addr",
+        str(rendezvous.address),
+        "--master_port",
+        str(rendezvous.port),
+    ]
     if nnodes > 1:  # every node starts its own launcher: no ssh/pdsh fan-out from the first node
         args += ["--no_ssh", "--node_rank", node_rank]
     return args
 
 
-def training_command(nnodes: object, nproc: object, overrides: Sequence[str], rendezvous: Rendezvous,
-                     launcher: str = "torchrun", python: Optional[str] = None, script: str = TRAIN_SCRIPT,
-                     max_restarts: int = 0, node_rank: str = "0") -> List[str]:
+def training_command(
+    nnodes: object,
+    nproc: object,
+    overrides: Sequence[str],
+    rendezvous: Rendezvous,
+    launcher: str = "torchrun",
+    python: Optional[str] = None,
+    script: str = TRAIN_SCRIPT,
+    max_restarts: int = 0,
+    node_rank: str = "0",
+) -> List[str]:
     """The argv that starts ft-train's processes on one node.
 
     `python=None` gives the line people read and paste (`torchrun ...` / `deepspeed ...`); with an interpreter,
     torchrun runs through ft-dist's node wrapper (`<python> -m ft_dist.commands.node ...`), which keeps exit 85.
     """
     if launcher == "deepspeed":
-        return ["deepspeed", *deepspeed_args(int(str(nnodes)), int(str(nproc)), rendezvous, node_rank), script, *overrides]
+        return [
+            "deepspeed",
+            *deepspeed_args(int(str(nnodes)), int(str(nproc)), rendezvous, node_rank),
+            script,
+            *overrides,
+        ]
     head = ["torchrun"] if python is None else [python, *NODE_WRAPPER]
     return [*head, *torchrun_args(nnodes, nproc, rendezvous, max_restarts), script, *overrides]
 

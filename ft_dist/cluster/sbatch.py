@@ -31,9 +31,17 @@ def train_overrides(overrides: Sequence[str], run_dir: Path, resume: bool, world
 
 
 def _sbatch_lines(cluster: Any, job_name: str, log: Path) -> List[str]:
-    opts = [f"--job-name={job_name}", f"--nodes={cluster.nodes}", "--ntasks-per-node=1",
-            f"--time={cluster.time}", f"--signal=B:USR1@{cluster.signal_seconds}", "--requeue",
-            "--open-mode=append", f"--output={log}", f"--error={log}"]
+    opts = [
+        f"--job-name={job_name}",
+        f"--nodes={cluster.nodes}",
+        "--ntasks-per-node=1",
+        f"--time={cluster.time}",
+        f"--signal=B:USR1@{cluster.signal_seconds}",
+        "--requeue",
+        "--open-mode=append",
+        f"--output={log}",
+        f"--error={log}",
+    ]
     if cluster.request_gpus and cluster.gpus_per_node:
         opts.append(f"--gpus-per-node={cluster.gpus_per_node}")
     if cluster.cpus_per_task:
@@ -48,7 +56,7 @@ def _sbatch_lines(cluster: Any, job_name: str, log: Path) -> List[str]:
     return [f"#SBATCH {o}" for o in opts]
 
 
-_BODY = r'''
+_BODY = r"""
 set -uo pipefail
 cd __REPO__
 __SETUP__
@@ -92,28 +100,49 @@ if [ "$cancelled" = 0 ] && { [ "$rc" = __EXIT_REQUEUE__ ] || [ "$rc" = __EXIT_HA
   exit 1
 fi
 exit "$rc"
-'''
+"""
 
 
-def render(cluster: Any, overrides: Sequence[str], run_dir: Path, job_name: str = "ft-dist",
-           python: Optional[str] = None, resume: bool = True) -> str:
+def render(
+    cluster: Any,
+    overrides: Sequence[str],
+    run_dir: Path,
+    job_name: str = "ft-dist",
+    python: Optional[str] = None,
+    resume: bool = True,
+) -> str:
     """The sbatch script text. `overrides` are training overrides (`model=... strategy=...`)."""
     run_dir = Path(run_dir).resolve()
     env: Dict[str, str] = dict(cluster.env)
     final = train_overrides(overrides, run_dir, resume, cluster.nodes * cluster.gpus_per_node)
-    body = (_BODY.replace("__REPO__", shlex.quote(str(REPO_ROOT)))
-            .replace("__SETUP__", "\n".join(cluster.setup))
-            .replace("__ENV__", "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in env.items()))
-            .replace("__RUN_DIR__", shlex.quote(str(run_dir)))
-            .replace("__PYTHON__", shlex.quote(python or sys.executable))
-            .replace("__TRAINING__", shell_line(training_command(
-                "$SLURM_JOB_NUM_NODES", cluster.gpus_per_node, final,
-                Rendezvous("$HEAD_ADDR", "$HEAD_PORT", "$SLURM_JOB_ID-$RESTART"), python=python or sys.executable)))
-            .replace("__EXIT_REQUEUE__", str(EXIT_REQUEUE)).replace("__EXIT_HANG__", str(EXIT_HANG))
-            .replace("__MAX_REQUEUES__", str(cluster.max_requeues)))
-    header = ["#!/bin/bash", f"# ft-dist: {cluster.name}, {cluster.nodes} node(s) x {cluster.gpus_per_node} "
-              f"process(es); written by `ft-launch slurm` (launch/slurm.py). Resubmit as is: it resumes.",
-              *_sbatch_lines(cluster, job_name, run_dir / "slurm.log")]
+    body = (
+        _BODY.replace("__REPO__", shlex.quote(str(REPO_ROOT)))
+        .replace("__SETUP__", "\n".join(cluster.setup))
+        .replace("__ENV__", "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in env.items()))
+        .replace("__RUN_DIR__", shlex.quote(str(run_dir)))
+        .replace("__PYTHON__", shlex.quote(python or sys.executable))
+        .replace(
+            "__TRAINING__",
+            shell_line(
+                training_command(
+                    "$SLURM_JOB_NUM_NODES",
+                    cluster.gpus_per_node,
+                    final,
+                    Rendezvous("$HEAD_ADDR", "$HEAD_PORT", "$SLURM_JOB_ID-$RESTART"),
+                    python=python or sys.executable,
+                )
+            ),
+        )
+        .replace("__EXIT_REQUEUE__", str(EXIT_REQUEUE))
+        .replace("__EXIT_HANG__", str(EXIT_HANG))
+        .replace("__MAX_REQUEUES__", str(cluster.max_requeues))
+    )
+    header = [
+        "#!/bin/bash",
+        f"# ft-dist: {cluster.name}, {cluster.nodes} node(s) x {cluster.gpus_per_node} "
+        f"process(es); written by `ft-launch slurm` (launch/slurm.py). Resubmit as is: it resumes.",
+        *_sbatch_lines(cluster, job_name, run_dir / "slurm.log"),
+    ]
     return "\n".join(header) + "\n" + body
 
 

@@ -31,8 +31,9 @@ NPROC_ENV = "FT_DIST_NPROC_PER_NODE"
 SUMMARY_METRICS = ("final_train_loss", "eval_loss", "eval_perplexity", "exact_match", "token_f1", "train_seconds")
 
 
-def member_overrides(task_overrides: List[str], run_dir: Path, world_size: int, cfg: DictConfig,
-                     sweep_name: str) -> List[str]:
+def member_overrides(
+    task_overrides: List[str], run_dir: Path, world_size: int, cfg: DictConfig, sweep_name: str
+) -> List[str]:
     """The training overrides for one member: its sweep values, its run dir, a distributed strategy, a W&B group."""
     out = job_overrides(task_overrides, world_size, output_dir=run_dir)
     if cfg.logger.name == "wandb" and cfg.logger.group is None:
@@ -61,7 +62,9 @@ def run_member(cfg: DictConfig) -> int:
     nnodes, nproc, rendezvous = _layout()
     node_rank, world_size = int(os.environ.get("SLURM_NODEID", "0")) if nnodes > 1 else 0, nnodes * nproc
     overrides = member_overrides(list(hc.overrides.task), run_dir, world_size, cfg, sweep_dir.name)
-    cmd = training_command(nnodes, nproc, overrides, rendezvous, python=sys.executable, script=str(REPO_ROOT / TRAIN_SCRIPT))
+    cmd = training_command(
+        nnodes, nproc, overrides, rendezvous, python=sys.executable, script=str(REPO_ROOT / TRAIN_SCRIPT)
+    )
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # submitit sets these for its own tasks; torchrun must set them for the workers
@@ -70,10 +73,17 @@ def run_member(cfg: DictConfig) -> int:
     with (run_dir / f"member.node{node_rank}.log").open("a") as log:
         code = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if node_rank == 0:
-        record = {"member": hc.job.num, "overrides": list(hc.overrides.task), "exit_code": code,
-                  "status": "ok" if code == 0 else "failed", "seconds": round(time.time() - start, 1),
-                  "nodes": nnodes, "world_size": world_size, "run_dir": str(run_dir),
-                  "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+        record = {
+            "member": hc.job.num,
+            "overrides": list(hc.overrides.task),
+            "exit_code": code,
+            "status": "ok" if code == 0 else "failed",
+            "seconds": round(time.time() - start, 1),
+            "nodes": nnodes,
+            "world_size": world_size,
+            "run_dir": str(run_dir),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        }
         (run_dir / "member.json").write_text(json.dumps(record, indent=2))
     return 0  # a failed member is recorded, not raised: the other members still run and the summary shows it
 
@@ -88,8 +98,12 @@ def _member_row(run_dir: Path) -> Dict[str, Any]:
     metrics: Dict[str, Any] = {}
     if eval_file.exists():
         report = json.loads(eval_file.read_text())
-        metrics = {**report.get("after", {}), "final_train_loss": report.get("final_train_loss"),
-                   "train_seconds": report.get("train_seconds"), "steps": report.get("steps")}
+        metrics = {
+            **report.get("after", {}),
+            "final_train_loss": report.get("final_train_loss"),
+            "train_seconds": report.get("train_seconds"),
+            "steps": report.get("steps"),
+        }
     row["metrics"] = metrics
     return row
 
@@ -112,8 +126,13 @@ def write_summary(sweep_dir: Path) -> Optional[Path]:
     header = ["member", "overrides", "status", *SUMMARY_METRICS, "seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [str(r["member"]), " ".join(o for o in r["overrides"] if o not in common), r["status"],
-                 *(_cell(r["metrics"].get(k)) for k in SUMMARY_METRICS), _cell(r["seconds"])]
+        cells = [
+            str(r["member"]),
+            " ".join(o for o in r["overrides"] if o not in common),
+            r["status"],
+            *(_cell(r["metrics"].get(k)) for k in SUMMARY_METRICS),
+            _cell(r["seconds"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     path = sweep_dir / "summary.md"
     path.write_text(f"# Sweep {sweep_dir.name}: {len(rows)} members\n\n" + "\n".join(lines) + "\n")

@@ -47,9 +47,15 @@ def _sweep_parameter(override: Any) -> Dict[str, Any]:
     raise ValueError(f"{override.input_line}: unsupported sweep {type(value).__name__}")
 
 
-def sweep_config(overrides: Sequence[str], nproc_per_node: int = 1, method: str = "grid",
-                 metric: str = "eval_loss", goal: str = "minimize", name: Optional[str] = None,
-                 runs_dir: str = "runs/wandb-sweeps") -> Dict[str, Any]:
+def sweep_config(
+    overrides: Sequence[str],
+    nproc_per_node: int = 1,
+    method: str = "grid",
+    metric: str = "eval_loss",
+    goal: str = "minimize",
+    name: Optional[str] = None,
+    runs_dir: str = "runs/wandb-sweeps",
+) -> Dict[str, Any]:
     """A W&B sweep config from a Hydra sweep spec: sweep overrides become parameters, the rest stay fixed.
 
     The command runs one trial as a multi-process job; `${args_no_hyphens}` is where the agent puts `key=value`.
@@ -70,8 +76,13 @@ def sweep_config(overrides: Sequence[str], nproc_per_node: int = 1, method: str 
     runs = Path(runs_dir).resolve()
     trial = [*fixed, f"output_dir={runs}/" + "${oc.env:WANDB_RUN_ID}", "${args_no_hyphens}"]
     command = ["${env}", *training_command(1, nproc_per_node, trial, Rendezvous(), python=sys.executable)]
-    config: Dict[str, Any] = {"program": TRAIN_SCRIPT, "method": method,
-                              "metric": {"name": metric, "goal": goal}, "parameters": parameters, "command": command}
+    config: Dict[str, Any] = {
+        "program": TRAIN_SCRIPT,
+        "method": method,
+        "metric": {"name": metric, "goal": goal},
+        "parameters": parameters,
+        "command": command,
+    }
     if name:
         config["name"] = name
     return config
@@ -115,8 +126,9 @@ def trial_command(config: Dict[str, Any], values: Dict[str, Any]) -> List[str]:
     return argv
 
 
-def offline_agent(config: Dict[str, Any], count: Optional[int], sweep_id: Optional[str] = None,
-                  wandb_dir: Optional[Path] = None) -> List[Dict[str, Any]]:
+def offline_agent(
+    config: Dict[str, Any], count: Optional[int], sweep_id: Optional[str] = None, wandb_dir: Optional[Path] = None
+) -> List[Dict[str, Any]]:
     """Run `count` trials one after another, each a multi-process job; returns one record per trial."""
     from wandb.sdk.lib.runid import generate_id
 
@@ -130,10 +142,16 @@ def offline_agent(config: Dict[str, Any], count: Optional[int], sweep_id: Option
         param_path.parent.mkdir(parents=True, exist_ok=True)
         # The file wandb.init reads a sweep run's parameters from (the agent writes the same format).
         param_path.write_text(yaml.safe_dump({"wandb_version": 1, **{k: {"value": v} for k, v in values.items()}}))
-        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SWEEP_ID": sweep_id, "WANDB_RUN_ID": run_id,
-               "WANDB_SWEEP_PARAM_PATH": str(param_path), "WANDB_RUN_GROUP": sweep_id,
-               "WANDB_PROJECT": os.environ.get("WANDB_PROJECT", "ft-dist"),
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env = {
+            **os.environ,
+            "WANDB_MODE": "offline",
+            "WANDB_SWEEP_ID": sweep_id,
+            "WANDB_RUN_ID": run_id,
+            "WANDB_SWEEP_PARAM_PATH": str(param_path),
+            "WANDB_RUN_GROUP": sweep_id,
+            "WANDB_PROJECT": os.environ.get("WANDB_PROJECT", "ft-dist"),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        }
         argv = trial_command(config, values)
         print(f"[wandb-sweep {sweep_id}] trial {run_id}: {json.dumps(values)}", flush=True)
         code = subprocess.run(argv, cwd=REPO_ROOT, env=env).returncode
@@ -141,8 +159,9 @@ def offline_agent(config: Dict[str, Any], count: Optional[int], sweep_id: Option
     return results
 
 
-def online_agent(config: Dict[str, Any], count: Optional[int], sweep_id: Optional[str], project: str,
-                 entity: Optional[str]) -> None:
+def online_agent(
+    config: Dict[str, Any], count: Optional[int], sweep_id: Optional[str], project: str, entity: Optional[str]
+) -> None:
     """Register the sweep (here, once) unless given its id, then run W&B's own agent in command mode."""
     import wandb
 
@@ -171,8 +190,9 @@ def main(argv: Sequence[str]) -> None:
     agent.add_argument("--entity")
     args = parser.parse_args(list(argv))
     if args.action == "yaml":
-        config = sweep_config(args.overrides, args.nproc_per_node, args.method, args.metric, args.goal, args.name,
-                              args.runs_dir)
+        config = sweep_config(
+            args.overrides, args.nproc_per_node, args.method, args.metric, args.goal, args.name, args.runs_dir
+        )
         Path(args.output).write_text(yaml.safe_dump(config, sort_keys=False))
         print(f"wrote {args.output}: {len(config['parameters'])} parameter(s), method {args.method}")
         return

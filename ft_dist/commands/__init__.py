@@ -22,8 +22,12 @@ from ft_dist.config import validate, validate_launched
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 train = entry("train", "ft_dist.commands.train:run", validate_launched)
-evaluate = entry("eval", "ft_dist.commands.eval:run", validate_eval_run, verbs={"compare": "mode=compare", "mc": "mode=mc"})
+evaluate = entry(
+    "eval", "ft_dist.commands.eval:run", validate_eval_run, verbs={"compare": "mode=compare", "mc": "mode=mc"}
+)
 generate = entry("generate", "ft_dist.commands.eval:generate", validate)
-data = entry("data", "ft_dist.commands.data:run", validate_data_run, verbs={"report": "action=report", "show": "action=show"})
+data = entry(
+    "data", "ft_dist.commands.data:run", validate_data_run, verbs={"report": "action=report", "show": "action=show"}
+)
 export = entry("export", "ft_dist.commands.export:run", check=lambda cfg: None)  # the run's own config.yaml is checked
 plan = entry("plan", "ft_dist.commands.plan:run", validate_plan)

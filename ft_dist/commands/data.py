@@ -20,8 +20,9 @@ def run(cfg: DataReportConfig) -> int:
     out = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model)
     if cfg.action == "show":  # unpacked, so each row is one example; same records, template and masking
-        text = show_text(prepare_dataset(OmegaConf.merge(cfg.data, {"packing": False}), tokenizer), tokenizer,
-                         cfg.show_examples)
+        text = show_text(
+            prepare_dataset(OmegaConf.merge(cfg.data, {"packing": False}), tokenizer), tokenizer, cfg.show_examples
+        )
         if dist.is_main():
             out.mkdir(parents=True, exist_ok=True)
             (out / "examples.md").write_text(text + "\n")
@@ -40,8 +41,12 @@ def run(cfg: DataReportConfig) -> int:
         out.mkdir(parents=True, exist_ok=True)
         plot_lengths(prepared.stats, out / "lengths.png")
         (out / "report.md").write_text(text + "\n")
-        report = {"stats": prepared.stats, "flag_counts": flags["counts"], "median_response_words": flags["median_response_words"],
-                  "cache": str(prepared.cache_path)}
+        report = {
+            "stats": prepared.stats,
+            "flag_counts": flags["counts"],
+            "median_response_words": flags["median_response_words"],
+            "cache": str(prepared.cache_path),
+        }
         (out / "report.json").write_text(json.dumps(report, indent=2))
         with (out / "flagged.jsonl").open("w") as fh:
             for f in flags["flagged"]:

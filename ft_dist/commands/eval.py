@@ -166,8 +166,9 @@ def generate(cfg: GenerateRunConfig) -> int:
         model = build_model(cfg.model, tokenizer, path=path).to(world.device)
         prompts = [cfg.prompt] if cfg.prompt is not None else [line.rstrip("\n") for line in sys.stdin if line.strip()]
         rendered = [render_prompt(cfg.data.template, p) for p in prompts]
-        outs = generate_texts(model, tokenizer, rendered, cfg.eval.max_new_tokens, cfg.eval.batch_size, world.device,
-                              progress=False)
+        outs = generate_texts(
+            model, tokenizer, rendered, cfg.eval.max_new_tokens, cfg.eval.batch_size, world.device, progress=False
+        )
         if world.is_main:
             for o in outs:
                 print(o.text, flush=True)

@@ -18,13 +18,22 @@ def run(cfg: ExportConfig) -> int:
     checkpoint = find_resume_checkpoint(cfg.checkpoint, Path("."), key="checkpoint")
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
     if run_dir is None or not (run_dir / "config.yaml").exists():
-        raise ConfigError("checkpoint", f"expected <run dir>/checkpoints/step-N with the run's config.yaml, got {str(checkpoint)!r}")
+        raise ConfigError(
+            "checkpoint", f"expected <run dir>/checkpoints/step-N with the run's config.yaml, got {str(checkpoint)!r}"
+        )
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
     memory = PhaseMemory(torch.device("cpu"))
     with memory.phase("export"):
-        out = export_checkpoint(run_cfg, checkpoint, Path(cfg.output), merge_lora=cfg.merge_lora,
-                                max_shard_bytes=int(cfg.max_shard_gb * 2**30))
+        out = export_checkpoint(
+            run_cfg,
+            checkpoint,
+            Path(cfg.output),
+            merge_lora=cfg.merge_lora,
+            max_shard_bytes=int(cfg.max_shard_gb * 2**30),
+        )
     peak = memory.phases["export"]["host_peak"]
-    dist.log(f"exported {checkpoint} -> {out} (peak host memory {peak / 2**30:.2f} GiB, "
-             f"baseline {memory.baseline / 2**30:.2f} GiB)")
+    dist.log(
+        f"exported {checkpoint} -> {out} (peak host memory {peak / 2**30:.2f} GiB, "
+        f"baseline {memory.baseline / 2**30:.2f} GiB)"
+    )
     return 0

@@ -72,20 +72,37 @@ def _main(argv: List[str]) -> None:
     # store keys per attempt, which restarts need under either rendezvous.
     elastic = launcher == "torchrun" and (nodes > 1 or max_restarts)
     rendezvous = Rendezvous(master_addr, str(port), "ft-dist" if elastic else None)
-    cmd = training_command(nodes, gpus, job_overrides(overrides, nodes * gpus), rendezvous, launcher,
-                           max_restarts=max_restarts, node_rank=node_rank)
+    cmd = training_command(
+        nodes,
+        gpus,
+        job_overrides(overrides, nodes * gpus),
+        rendezvous,
+        launcher,
+        max_restarts=max_restarts,
+        node_rank=node_rank,
+    )
     world = cluster.nodes * cluster.gpus_per_node
     where = "on each of the nodes" if cluster.nodes > 1 else "on the node"
-    print(f"# {cluster.name}: {cluster.nodes} node(s) x {cluster.gpus_per_node} processes = world size {world}; run {where}:")
+    print(
+        f"# {cluster.name}: {cluster.nodes} node(s) x {cluster.gpus_per_node} processes = world size {world}; run {where}:"
+    )
     print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " \\\n  " + shell_line(cmd))
     if run:
         if cluster.nodes > 1 and ("${" in master_addr or "${" in node_rank):
             exit_with_error("--run on several nodes needs master_addr=... (and node_rank=... for deepspeed)")
         # The printed line runs from the checkout on each node; here the script is this checkout's, from any folder,
         # and torchrun runs through ft-dist's node wrapper, keeping exit 85 that plain torchrun reports as 1.
-        exe = training_command(nodes, gpus, job_overrides(overrides, nodes * gpus), rendezvous, launcher,
-                               python=sys.executable if launcher == "torchrun" else None,
-                               script=str(REPO_ROOT / TRAIN_SCRIPT), max_restarts=max_restarts, node_rank=node_rank)
+        exe = training_command(
+            nodes,
+            gpus,
+            job_overrides(overrides, nodes * gpus),
+            rendezvous,
+            launcher,
+            python=sys.executable if launcher == "torchrun" else None,
+            script=str(REPO_ROOT / TRAIN_SCRIPT),
+            max_restarts=max_restarts,
+            node_rank=node_rank,
+        )
         child = subprocess.Popen(exe, env={**os.environ, **env})
         sys.exit(_supervise(child, launcher))
 
@@ -96,11 +113,15 @@ def _supervise(child: subprocess.Popen, launcher: str) -> int:
     ft_dist.commands.node forwards SIGUSR1/SIGTERM to its workers itself. The deepspeed launchers die on SIGUSR1 and
     kill their workers on SIGTERM, so there the signal goes straight to the processes running the training script.
     """
+
     def targets() -> List[psutil.Process]:
         if launcher == "torchrun":
             return [psutil.Process(child.pid)]
-        return [p for p in psutil.Process(child.pid).children(recursive=True)
-                if any(a.endswith(TRAIN_SCRIPT) for a in p.cmdline())]
+        return [
+            p
+            for p in psutil.Process(child.pid).children(recursive=True)
+            if any(a.endswith(TRAIN_SCRIPT) for a in p.cmdline())
+        ]
 
     forward_preemption_signals(targets)
     return child.wait()

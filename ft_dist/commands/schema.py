@@ -88,9 +88,15 @@ class ExportConfig:
 def register_configs() -> None:
     """Every command's primary config, and the cluster group's schema, in Hydra's ConfigStore (once per process)."""
     cs = ConfigStore.instance()
-    for name, node in (("train_schema", RunConfig), ("eval_schema", EvalRunConfig),
-                       ("generate_schema", GenerateRunConfig), ("data_report_schema", DataReportConfig),
-                       ("plan_schema", PlanRunConfig), ("export_schema", ExportConfig), ("slurm_launch", SlurmLaunchConfig)):
+    for name, node in (
+        ("train_schema", RunConfig),
+        ("eval_schema", EvalRunConfig),
+        ("generate_schema", GenerateRunConfig),
+        ("data_report_schema", DataReportConfig),
+        ("plan_schema", PlanRunConfig),
+        ("export_schema", ExportConfig),
+        ("slurm_launch", SlurmLaunchConfig),
+    ):
         cs.store(name=name, node=node)
     cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
 

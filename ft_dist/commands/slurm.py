@@ -28,7 +28,7 @@ def split_argv(argv: List[str]) -> Tuple[List[str], List[str]]:
     """(launch overrides, training overrides) around the first `--`."""
     if "--" in argv:
         i = argv.index("--")
-        return argv[:i], argv[i + 1:]
+        return argv[:i], argv[i + 1 :]
     return argv, []
 
 
@@ -75,8 +75,7 @@ def prepare(argv: List[str]) -> Tuple[DictConfig, Path]:
     run_dir = Path(cfg.run_dir or f"runs/{cfg.job_name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     world_size = cfg.cluster.nodes * cfg.cluster.gpus_per_node
     check_train_overrides(sbatch.train_overrides(train_args, run_dir, cfg.resume, world_size))
-    script = sbatch.write(cfg.cluster, train_args, run_dir, job_name=cfg.job_name, python=cfg.python,
-                          resume=cfg.resume)
+    script = sbatch.write(cfg.cluster, train_args, run_dir, job_name=cfg.job_name, python=cfg.python, resume=cfg.resume)
     return cfg, script
 
 

@@ -68,7 +68,11 @@ def describe_composition_error(config_name: str, ex: BaseException) -> str:
         group, option = missing.groups()
         available = re.search(r"Available options in '[^']+':\s*(.*?)\s*(Config search path|$)", str(ex), re.S)
         # Schemas registered in a group (e.g. cluster_schema) are bases for the options, not options themselves.
-        choices = " ".join(c for c in available.group(1).split() if not c.endswith("_schema")) if available else "see conf/" + group
+        choices = (
+            " ".join(c for c in available.group(1).split() if not c.endswith("_schema"))
+            if available
+            else "see conf/" + group
+        )
         return f"config error: {group}: no option {option!r}; available: {choices}"
     if key:
         return f"config error: {key}: {text}"
@@ -126,9 +130,11 @@ def with_run_config(overrides: List[str], key: str = "checkpoint") -> List[str]:
         if chosen is not None:
             trained = saved[group].get("name", saved[group].get("method"))  # the option's name (peft: its method)
             if group != "data" and chosen != trained:
-                raise UserError(f"config error: {group}: {run_dir} was trained with {group} {trained!r}, not "
-                                f"{chosen!r}; drop {group}={chosen} (the run's config.yaml supplies it) or pass "
-                                f"another {key}")
+                raise UserError(
+                    f"config error: {group}: {run_dir} was trained with {group} {trained!r}, not "
+                    f"{chosen!r}; drop {group}={chosen} (the run's config.yaml supplies it) or pass "
+                    f"another {key}"
+                )
             continue
         (conf / group).mkdir()
         OmegaConf.save(saved[group], conf / group / "from_run.yaml")
@@ -159,8 +165,9 @@ def _preflight(config_name: str, argv: List[str], check: Callable[[Any], None]) 
         return  # sweeps and Hydra flags: each job validates itself in _run()
     try:
         # Hydra's own settings are not part of the job's config, except where configs are searched for.
-        compose_checked(config_name, [a for a in argv if not a.startswith("hydra") or a.startswith("hydra.searchpath=")],
-                        check)
+        compose_checked(
+            config_name, [a for a in argv if not a.startswith("hydra") or a.startswith("hydra.searchpath=")], check
+        )
     except UserError as err:
         exit_with_error(str(err))
 
@@ -182,8 +189,9 @@ def _import(path: str) -> Any:
     return getattr(__import__(module_name, fromlist=[attr]), attr)
 
 
-def entry(config_name: str, task_path: str, check: Callable[[Any], None] = validate,
-           verbs: Optional[Dict[str, str]] = None) -> Callable[[], None]:
+def entry(
+    config_name: str, task_path: str, check: Callable[[Any], None] = validate, verbs: Optional[Dict[str, str]] = None
+) -> Callable[[], None]:
     """A console-script main: compose conf/<config_name>.yaml, check it, then run `module:function` on it.
 
     `verbs` lets a leading bare word select a mode (`ft-eval compare ...` -> `mode=compare`), which Hydra's
@@ -197,7 +205,9 @@ def entry(config_name: str, task_path: str, check: Callable[[Any], None] = valid
             sys.argv[1] = verbs[sys.argv[1]]
         argv = sys.argv[1:]
         fresh = any(a in ("train.resume=null", "train.resume=none", "train.resume=never") for a in argv)
-        key = {"eval": "checkpoint", "generate": "checkpoint", "train": None if fresh else "output_dir"}.get(config_name)
+        key = {"eval": "checkpoint", "generate": "checkpoint", "train": None if fresh else "output_dir"}.get(
+            config_name
+        )
         if key is not None:
             try:
                 argv = with_run_config(argv, key)

@@ -22,7 +22,7 @@ def _take_option(argv: List[str], name: str) -> Optional[str]:
     for i, arg in enumerate(argv):
         if arg == name and i + 1 < len(argv):
             value = argv[i + 1]
-            del argv[i:i + 2]
+            del argv[i : i + 2]
             return value
         if arg.startswith(name + "="):
             del argv[i]

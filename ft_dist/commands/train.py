@@ -73,8 +73,10 @@ def _train(cfg: RunConfig, world: dist.World) -> int:
     with memory.phase("build"):
         strategy.setup(spec, lambda params: build_optimizer(params, cfg.train))
     counts = count_parameters(strategy.unwrapped())
-    dist.log(f"model: {cfg.model.name}, {counts['total']:,} parameters, {counts['trainable']:,} trainable "
-             f"({cfg.peft.method}), strategy {cfg.strategy.name}, precision {cfg.train.precision}, device {world.device}")
+    dist.log(
+        f"model: {cfg.model.name}, {counts['total']:,} parameters, {counts['trainable']:,} trainable "
+        f"({cfg.peft.method}), strategy {cfg.strategy.name}, precision {cfg.train.precision}, device {world.device}"
+    )
 
     container = scrub_secrets(OmegaConf.to_container(cfg, resolve=True))
     tracker = Tracker(out_dir, cfg.logger, container)
@@ -99,12 +101,24 @@ def _train(cfg: RunConfig, world: dist.World) -> int:
 
     seed_everything(cfg.train.seed)
     # Training is where ranks wait on each other step after step: a stalled one is named and the job ended.
-    watchdog = (Watchdog(out_dir, world, cfg.train.hang_timeout_s, cfg.train.heartbeat_s)
-                if world.distributed and cfg.train.hang_timeout_s else None)
+    watchdog = (
+        Watchdog(out_dir, world, cfg.train.hang_timeout_s, cfg.train.heartbeat_s)
+        if world.distributed and cfg.train.hang_timeout_s
+        else None
+    )
     try:
-        result = train_loop(cfg.train, cfg.eval.batch_size, strategy, data, tracker, tokenizer.pad_token_id, checkpoints,
-                            extra_eval=sample_task_metric if cfg.eval.during_training else None, memory=memory,
-                            **({"progress": watchdog.progress} if watchdog else {}))
+        result = train_loop(
+            cfg.train,
+            cfg.eval.batch_size,
+            strategy,
+            data,
+            tracker,
+            tokenizer.pad_token_id,
+            checkpoints,
+            extra_eval=sample_task_metric if cfg.eval.during_training else None,
+            memory=memory,
+            **({"progress": watchdog.progress} if watchdog else {}),
+        )
     finally:
         if watchdog is not None:
             watchdog.stop()
@@ -120,14 +134,27 @@ def _train(cfg: RunConfig, world: dist.World) -> int:
     with memory.phase("final_eval"):
         after = task_metrics(model, tokenizer, data.test, cfg.eval, world.device, synced=synced)
     after_scores = {**after["scores"], **{k: v for k, v in result.eval_history[-1].items() if k != "step"}}
-    report.update(after=after_scores, train_seconds=result.seconds, tokens=result.tokens, steps=result.steps,
-                  final_train_loss=result.train_losses[-1] if result.train_losses else None, eval_history=result.eval_history)
+    report.update(
+        after=after_scores,
+        train_seconds=result.seconds,
+        tokens=result.tokens,
+        steps=result.steps,
+        final_train_loss=result.train_losses[-1] if result.train_losses else None,
+        eval_history=result.eval_history,
+    )
 
     final = out_dir / "final"
     twin = spec.build(meta=True)  # structure, config and LoRA layers for the writer; no memory
     with memory.phase("final_save"):
-        save_final_model(_observed(strategy.gathered_units(), out_dir, world.rank), twin, tokenizer, cfg, final,
-                         write=world.is_main, max_shard_bytes=int(cfg.train.max_shard_gb * 2**30))
+        save_final_model(
+            _observed(strategy.gathered_units(), out_dir, world.rank),
+            twin,
+            tokenizer,
+            cfg,
+            final,
+            write=world.is_main,
+            max_shard_bytes=int(cfg.train.max_shard_gb * 2**30),
+        )
     records = memory.gather()
     report["memory"] = {"per_rank": records}
     if world.is_main:

@@ -26,8 +26,10 @@ class GlobalBatchSampler:
         self.seed = seed
         self.global_batch = micro_batch * grad_accum * world_size
         if self.global_batch > num_examples:
-            raise ConfigError("train.micro_batch_size",
-                              f"global batch {self.global_batch} (micro x accum x world) exceeds the {num_examples} training examples")
+            raise ConfigError(
+                "train.micro_batch_size",
+                f"global batch {self.global_batch} (micro x accum x world) exceeds the {num_examples} training examples",
+            )
         self.steps_per_epoch = num_examples // self.global_batch
         self._epoch = -1
         self._perm: List[int] = []
@@ -43,13 +45,16 @@ class GlobalBatchSampler:
         """All example indices of optimizer step `step` (every rank can compute them)."""
         epoch, k = divmod(step, self.steps_per_epoch)
         start = k * self.global_batch
-        return self._permutation(epoch)[start:start + self.global_batch]
+        return self._permutation(epoch)[start : start + self.global_batch]
 
     def micro_batches(self, step: int) -> List[List[int]]:
         """This rank's `grad_accum` micro-batches for step `step`."""
         idx = self.global_indices(step)
         chunk = self.micro * self.world
-        return [idx[a * chunk + self.rank * self.micro: a * chunk + (self.rank + 1) * self.micro] for a in range(self.accum)]
+        return [
+            idx[a * chunk + self.rank * self.micro : a * chunk + (self.rank + 1) * self.micro]
+            for a in range(self.accum)
+        ]
 
 
 def examples_from_rows(rows: Dict[str, List[Any]]) -> List[Dict[str, Any]]:

@@ -18,8 +18,9 @@ Span = Tuple[int, int]
 
 
 def _render(tokenizer: Any, messages: Sequence[Dict[str, str]], template: str, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+    return tokenizer.apply_chat_template(
+        list(messages), chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+    )
 
 
 def with_system_prompt(messages: List[Dict[str, str]], system_prompt: Optional[str]) -> List[Dict[str, str]]:
@@ -37,10 +38,12 @@ def render_conversation(tokenizer: Any, messages: Sequence[Dict[str, str]], temp
         if message["role"] != "assistant":
             continue
         before = _render(tokenizer, messages[:i], template, True) if i else ""
-        through = _render(tokenizer, messages[:i + 1], template, False)
+        through = _render(tokenizer, messages[: i + 1], template, False)
         if not (full.startswith(before) and full.startswith(through)):
-            raise DataError("the chat template renders a conversation's prefix differently from the conversation "
-                            "itself, so assistant turns cannot be located (use data.template=chatml)")
+            raise DataError(
+                "the chat template renders a conversation's prefix differently from the conversation "
+                "itself, so assistant turns cannot be located (use data.template=chatml)"
+            )
         spans.append((len(before), len(through)))
     return full, spans
 
@@ -51,8 +54,9 @@ def generation_prompt(tokenizer: Any, messages: Sequence[Dict[str, str]], templa
     return _render(tokenizer, messages[:last], template, True)
 
 
-def encode_conversation(tokenizer: Any, messages: Sequence[Dict[str, str]], template: str,
-                        train_on_prompt: bool) -> Tuple[List[int], List[bool]]:
+def encode_conversation(
+    tokenizer: Any, messages: Sequence[Dict[str, str]], template: str, train_on_prompt: bool
+) -> Tuple[List[int], List[bool]]:
     """Token ids of the rendered conversation and, per token, whether it is trained on (assistant text).
 
     The conversation ends with the tokenizer's EOS (added when the template does not end with it), trained on, so

@@ -48,8 +48,14 @@ def pack_lengths(lengths: Sequence[int], capacity: int) -> List[List[int]]:
 def pack_batch(batch: Dict[str, List[Any]], capacity: int) -> Dict[str, List[Any]]:
     """A `datasets.map(batched=True, batch_size=pack_window)` function: a window of examples -> packed rows."""
     groups = pack_lengths([len(x) for x in batch["input_ids"]], capacity)
-    out: Dict[str, List[Any]] = {"input_ids": [], "labels": [], "position_ids": [], "num_loss_tokens": [],
-                                 "num_examples": [], "length": []}
+    out: Dict[str, List[Any]] = {
+        "input_ids": [],
+        "labels": [],
+        "position_ids": [],
+        "num_loss_tokens": [],
+        "num_examples": [],
+        "length": [],
+    }
     for group in groups:
         ids: List[int] = []
         labels: List[int] = []

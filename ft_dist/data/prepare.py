@@ -60,11 +60,15 @@ class PreparedData:
     def summary(self) -> str:
         """The one line a run prints about its data; whatever was left out is counted, and skipped lines named."""
         s = self.stats
-        line = (f"data: {s['records']} records -> {s['train']} train / {s['test']} test, {s['truncated']} truncated, "
-                f"{s['dropped']} dropped as over-long")
+        line = (
+            f"data: {s['records']} records -> {s['train']} train / {s['test']} test, {s['truncated']} truncated, "
+            f"{s['dropped']} dropped as over-long"
+        )
         removed = [f"{s[k]} {k}" for k in ("empty", "duplicates") if s.get(k)]
         if s.get("skipped"):
-            removed.insert(0, f"{s['skipped']} bad lines skipped (data.on_error=skip; first: {s['skipped_examples'][0]})")
+            removed.insert(
+                0, f"{s['skipped']} bad lines skipped (data.on_error=skip; first: {s['skipped_examples'][0]})"
+            )
         if removed:
             line += "; not used: " + ", ".join(removed)
         return f"{line} (cache {self.cache_path.name})"
@@ -73,7 +77,9 @@ class PreparedData:
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     state = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    state += f"|bos={tokenizer.bos_token_id}|eos={tokenizer.eos_token_id}|chat={getattr(tokenizer, 'chat_template', None)}"
+    state += (
+        f"|bos={tokenizer.bos_token_id}|eos={tokenizer.eos_token_id}|chat={getattr(tokenizer, 'chat_template', None)}"
+    )
     return hashlib.sha256(state.encode()).hexdigest()
 
 
@@ -82,8 +88,11 @@ def cache_key(data_cfg: DataConfig, tokenizer: Any) -> str:
     # those enter below as each source's settings and its content's fingerprint.
     settings = identity(DataConfig, data_cfg, skip=("path", "sources"))
     sources = [dataclasses.asdict(s) for s in configured_sources(data_cfg)]
-    blob = json.dumps([CACHE_VERSION, content_fingerprint(data_cfg), tokenizer_fingerprint(tokenizer), settings, sources],
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        [CACHE_VERSION, content_fingerprint(data_cfg), tokenizer_fingerprint(tokenizer), settings, sources],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -111,8 +120,13 @@ def _read(data_cfg: DataConfig, work: Path, key: str) -> Any:
     from datasets import Dataset
 
     try:
-        return Dataset.from_generator(iter_records, features=record_features(), cache_dir=str(work / "records"),
-                                      gen_kwargs={"data_cfg": data_cfg}, fingerprint=f"{key}-records")
+        return Dataset.from_generator(
+            iter_records,
+            features=record_features(),
+            cache_dir=str(work / "records"),
+            gen_kwargs={"data_cfg": data_cfg},
+            fingerprint=f"{key}-records",
+        )
     except Exception as err:  # datasets wraps a generator's exception in DatasetGenerationError
         found = _user_error(err)
         if found is not None:
@@ -127,9 +141,13 @@ def _length_summary(lengths: np.ndarray, max_seq_len: int) -> Dict[str, Any]:
     width = max(1, -(-(hi - lo + 1) // HISTOGRAM_BINS))
     counts, edges = np.histogram(lengths, bins=lo + width * np.arange(-(-(hi - lo + 1) // width) + 1))
     pct = {f"p{q}": int(np.percentile(lengths, q)) for q in (5, 25, 50, 75, 95, 99)} if len(lengths) else {}
-    return {"min": int(lengths.min()) if len(lengths) else 0, "max": int(lengths.max()) if len(lengths) else 0,
-            "mean": round(float(lengths.mean()), 1) if len(lengths) else 0.0, **pct,
-            "histogram": {"edges": [int(e) for e in edges], "counts": counts.tolist(), "max_seq_len": max_seq_len}}
+    return {
+        "min": int(lengths.min()) if len(lengths) else 0,
+        "max": int(lengths.max()) if len(lengths) else 0,
+        "mean": round(float(lengths.mean()), 1) if len(lengths) else 0.0,
+        **pct,
+        "histogram": {"edges": [int(e) for e in edges], "counts": counts.tolist(), "max_seq_len": max_seq_len},
+    }
 
 
 def _build(data_cfg: DataConfig, tokenizer: Any, target: Path) -> None:
@@ -145,7 +163,8 @@ def _build(data_cfg: DataConfig, tokenizer: Any, target: Path) -> None:
         status = column(ds, "status")
         skipped_at = np.flatnonzero(status == SKIPPED)
         stats: Dict[str, Any] = {
-            "records": int((status != SKIPPED).sum()), "skipped": len(skipped_at),
+            "records": int((status != SKIPPED).sum()),
+            "skipped": len(skipped_at),
             "skipped_examples": list(ds.select(skipped_at[:5])["error"]),
             "empty": int((status == EMPTY).sum()) if data_cfg.drop_empty else 0,
         }
@@ -157,39 +176,64 @@ def _build(data_cfg: DataConfig, tokenizer: Any, target: Path) -> None:
             stats["duplicates"] = len(ds) - len(first)
             ds = ds.select(first)
         if len(ds) < 2:
-            raise DataError(f"{len(ds)} examples left after filtering ({stats['empty']} empty, {stats['duplicates']} "
-                            f"duplicates, {stats['skipped']} skipped); need at least 2 for a train/test split",
-                            configured_sources(data_cfg)[0].path)
+            raise DataError(
+                f"{len(ds)} examples left after filtering ({stats['empty']} empty, {stats['duplicates']} "
+                f"duplicates, {stats['skipped']} skipped); need at least 2 for a train/test split",
+                configured_sources(data_cfg)[0].path,
+            )
         train, test = split_train_test(ds, data_cfg.test_size, data_cfg.split_seed)
         stats["train_test_overlap"] = overlap(column(train, "key"), column(test, "key"))
         sources = configured_sources(data_cfg)
         if any(s.weight != 1.0 for s in sources):
-            train = train.select(weighted_indices(column(train, "source_id"), [s.weight for s in sources], data_cfg.split_seed))
-        settings = EncodeSettings(template=data_cfg.template, chat_template=_chat_template(data_cfg, tokenizer),
-                                  system_prompt=data_cfg.system_prompt, train_on_prompt=data_cfg.train_on_prompt,
-                                  max_seq_len=data_cfg.max_seq_len, truncation_side=data_cfg.truncation_side,
-                                  overlong=data_cfg.overlong)
+            train = train.select(
+                weighted_indices(column(train, "source_id"), [s.weight for s in sources], data_cfg.split_seed)
+            )
+        settings = EncodeSettings(
+            template=data_cfg.template,
+            chat_template=_chat_template(data_cfg, tokenizer),
+            system_prompt=data_cfg.system_prompt,
+            train_on_prompt=data_cfg.train_on_prompt,
+            max_seq_len=data_cfg.max_seq_len,
+            truncation_side=data_cfg.truncation_side,
+            overlong=data_cfg.overlong,
+        )
         parts = {}
         stats.update(truncated=0, dropped=0)
         for name, part in (("train", train), ("test", test)):
-            part = part.map(encode_batch, batched=True, num_proc=num_proc, new_fingerprint=f"{key}-{name}-tokens",
-                            fn_kwargs={"tokenizer": tokenizer, "settings": settings})
+            part = part.map(
+                encode_batch,
+                batched=True,
+                num_proc=num_proc,
+                new_fingerprint=f"{key}-{name}-tokens",
+                fn_kwargs={"tokenizer": tokenizer, "settings": settings},
+            )
             keep = column(part, "keep").astype(bool)
             stats["truncated"] += int(column(part, "truncated").sum())
             stats["dropped"] += int((~keep).sum())
             parts[name] = part.select(np.flatnonzero(keep)).remove_columns(list(_INTERNAL))
         _summarise(parts, sources, data_cfg, stats)
         if stats["train"] == 0:
-            raise DataError("no training examples left after filtering (all empty, duplicates or dropped as over-long)",
-                            sources[0].path)
+            raise DataError(
+                "no training examples left after filtering (all empty, duplicates or dropped as over-long)",
+                sources[0].path,
+            )
         if data_cfg.packing:
             train = parts["train"]
-            parts["train"] = train.map(pack_batch, batched=True, batch_size=data_cfg.pack_window, num_proc=num_proc,
-                                       remove_columns=train.column_names, fn_kwargs={"capacity": data_cfg.max_seq_len},
-                                       new_fingerprint=f"{key}-packed")
+            parts["train"] = train.map(
+                pack_batch,
+                batched=True,
+                batch_size=data_cfg.pack_window,
+                num_proc=num_proc,
+                remove_columns=train.column_names,
+                fn_kwargs={"capacity": data_cfg.max_seq_len},
+                new_fingerprint=f"{key}-packed",
+            )
             rows = column(parts["train"], "length")
-            stats["packing"] = {"rows": len(rows), "examples": stats["train"],
-                                "efficiency": round(packing_efficiency(rows, data_cfg.max_seq_len), 4)}
+            stats["packing"] = {
+                "rows": len(rows),
+                "examples": stats["train"],
+                "efficiency": round(packing_efficiency(rows, data_cfg.max_seq_len), 4),
+            }
         # Small shards: save_to_disk materialises one shard at a time from index-mapped (selected) datasets, and the
         # default 500 MB shard would make peak memory grow with the dataset up to that size.
         DatasetDict(parts).save_to_disk(str(tmp / "data"), max_shard_size="32MB")
@@ -203,8 +247,14 @@ def _build(data_cfg: DataConfig, tokenizer: Any, target: Path) -> None:
 
 def _chat_template(data_cfg: DataConfig, tokenizer: Any) -> str | None:
     """Chat rendering for chat data, and for prompt/response data with template=tokenizer."""
-    if data_cfg.messages_field or data_cfg.template == "tokenizer" or any(s.messages_field for s in configured_sources(data_cfg)):
-        return chat_template_for(data_cfg.template if data_cfg.template in ("chatml", "tokenizer") else "chatml", tokenizer)
+    if (
+        data_cfg.messages_field
+        or data_cfg.template == "tokenizer"
+        or any(s.messages_field for s in configured_sources(data_cfg))
+    ):
+        return chat_template_for(
+            data_cfg.template if data_cfg.template in ("chatml", "tokenizer") else "chatml", tokenizer
+        )
     return None
 
 
@@ -214,7 +264,8 @@ def _summarise(parts: Dict[str, Any], sources: Any, data_cfg: DataConfig, stats:
     loss = {n: column(p, "num_loss_tokens") for n, p in parts.items()}
     stats["train"], stats["test"] = len(parts["train"]), len(parts["test"])
     stats["per_source"] = {
-        s.name: {n: int((column(p, "source_id") == s.index).sum()) for n, p in parts.items()} for s in sources}
+        s.name: {n: int((column(p, "source_id") == s.index).sum()) for n, p in parts.items()} for s in sources
+    }
     all_lengths = np.concatenate(list(lengths.values()))
     stats["tokens"] = int(all_lengths.sum())
     stats["loss_tokens"] = int(sum(v.sum() for v in loss.values()))
@@ -268,4 +319,3 @@ def prepare_dataset(data_cfg: DataConfig, tokenizer: Any) -> PreparedData:
     parts = load_from_disk(str(target / "data"))
     stats = json.loads((target / "stats.json").read_text())
     return PreparedData(train=parts["train"], test=parts["test"], stats=stats, cache_path=target)
-

@@ -3,7 +3,6 @@
 Nothing here imports torch or datasets: these checks run in the CLI's pre-flight, before any heavy import.
 """
 
-
 import glob
 import os
 from dataclasses import dataclass, field
@@ -110,7 +109,9 @@ def _check_path(path: str, key: str) -> None:
         if not glob.glob(p, recursive=True):
             raise ConfigError(key, f"expected the glob {path!r} to match files, it matches none")
         return
-    raise ConfigError(key, f"expected an existing data file, folder, glob or hf:<dataset id>, got {path!r} (no such file)")
+    raise ConfigError(
+        key, f"expected an existing data file, folder, glob or hf:<dataset id>, got {path!r} (no such file)"
+    )
 
 
 def validate_data(data: Any) -> None:
@@ -126,7 +127,9 @@ def validate_data(data: Any) -> None:
         if getattr(data, key) < 1:
             raise ConfigError(f"data.{key}", f"expected a value >= 1, got {getattr(data, key)}")
     if data.messages_field and data.template not in ("chatml", "tokenizer"):
-        raise ConfigError("data.template", f"expected chatml or tokenizer for chat data (data.messages_field), got {data.template!r}")
+        raise ConfigError(
+            "data.template", f"expected chatml or tokenizer for chat data (data.messages_field), got {data.template!r}"
+        )
     if data.sources:
         if data.path is not None:
             raise ConfigError("data.path", "expected null when data.sources is set (set one or the other)")

@@ -22,8 +22,14 @@ from ft_dist.errors import DataError
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 OK, SKIPPED, EMPTY = 0, 1, 2
-ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant",
-         "tool": "tool"}
+ROLES = {
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "human": "user",
+    "gpt": "assistant",
+    "tool": "tool",
+}
 
 
 def record_features() -> Any:
@@ -31,12 +37,19 @@ def record_features() -> Any:
     from datasets import Features, Value
     from datasets import List as ListFeature
 
-    return Features({
-        "source_id": Value("int32"), "source": Value("string"), "source_line": Value("int64"),
-        "prompt": Value("string"), "context": Value("string"), "response": Value("string"),
-        "messages": ListFeature({"role": Value("string"), "content": Value("string")}),
-        "status": Value("int8"), "error": Value("string"),
-    })
+    return Features(
+        {
+            "source_id": Value("int32"),
+            "source": Value("string"),
+            "source_line": Value("int64"),
+            "prompt": Value("string"),
+            "context": Value("string"),
+            "response": Value("string"),
+            "messages": ListFeature({"role": Value("string"), "content": Value("string")}),
+            "status": Value("int8"),
+            "error": Value("string"),
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,7 @@ class Source:
 
 def configured_sources(data_cfg: DataConfig) -> List[Source]:
     """`data.sources` (or the single `data.path`) with inherited field names filled in."""
+
     def pick(src: Any, key: str) -> Any:
         own = getattr(src, key, None) if src is not None else None
         return own if own is not None else getattr(data_cfg, key)
@@ -67,13 +81,21 @@ def configured_sources(data_cfg: DataConfig) -> List[Source]:
     out = []
     for i, src in enumerate(entries):
         path = src.path if src is not None else data_cfg.path
-        out.append(Source(
-            index=i, name=(src.name if src is not None and src.name else path), path=path,
-            weight=float(src.weight) if src is not None else 1.0,
-            hf_split=pick(src, "hf_split"), hf_revision=pick(src, "hf_revision"),
-            prompt_field=pick(src, "prompt_field"), response_field=pick(src, "response_field"),
-            context_field=pick(src, "context_field"), messages_field=pick(src, "messages_field"),
-            key_prefix=f"data.sources[{i}]" if src is not None else "data"))
+        out.append(
+            Source(
+                index=i,
+                name=(src.name if src is not None and src.name else path),
+                path=path,
+                weight=float(src.weight) if src is not None else 1.0,
+                hf_split=pick(src, "hf_split"),
+                hf_revision=pick(src, "hf_revision"),
+                prompt_field=pick(src, "prompt_field"),
+                response_field=pick(src, "response_field"),
+                context_field=pick(src, "context_field"),
+                messages_field=pick(src, "messages_field"),
+                key_prefix=f"data.sources[{i}]" if src is not None else "data",
+            )
+        )
     return out
 
 
@@ -112,15 +134,24 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield lineno, DataError(f"not UTF-8 text (byte {err.start} of this line); re-encode the file as UTF-8",
-                                        str(path), lineno)
+                yield (
+                    lineno,
+                    DataError(
+                        f"not UTF-8 text (byte {err.start} of this line); re-encode the file as UTF-8",
+                        str(path),
+                        lineno,
+                    ),
+                )
                 continue
             if not line.strip():
                 continue
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
-                yield lineno, DataError(f"malformed JSON ({err.msg}, column {err.colno}): {_snippet(line)!r}", str(path), lineno)
+                yield (
+                    lineno,
+                    DataError(f"malformed JSON ({err.msg}, column {err.colno}): {_snippet(line)!r}", str(path), lineno),
+                )
 
 
 def _read_json(path: Path) -> Iterator[Row]:
@@ -133,7 +164,9 @@ def _read_json(path: Path) -> Iterator[Row]:
     except json.JSONDecodeError as err:
         lines = text.splitlines()
         line = lines[err.lineno - 1] if lines else ""
-        raise DataError(f"malformed JSON ({err.msg}, column {err.colno}): {_snippet(line)!r}", str(path), err.lineno) from err
+        raise DataError(
+            f"malformed JSON ({err.msg}, column {err.colno}): {_snippet(line)!r}", str(path), err.lineno
+        ) from err
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else [data]
@@ -155,8 +188,8 @@ def _read_csv(path: Path) -> Iterator[Row]:
                 if values:  # DictReader's semantics: blank lines skipped, extra values under None, missing ones None
                     row: Dict[Any, Any] = dict(zip(fields, values))
                     if len(values) > len(fields):
-                        row[None] = values[len(fields):]
-                    row.update({f: None for f in fields[len(values):]})
+                        row[None] = values[len(fields) :]
+                    row.update({f: None for f in fields[len(values) :]})
                     yield start, row
                 start = reader.line_num + 1
     except UnicodeDecodeError as err:
@@ -183,15 +216,17 @@ def _read_hf(name: str, split: str, revision: Optional[str]) -> Iterator[Row]:
     try:
         ds = load_dataset(name, split=split, revision=revision)
     except Exception as err:  # hub/network/format errors all mean: this id cannot be read here
-        raise DataError(f"could not load HF dataset {name!r} (split {split!r}, revision {revision!r}): "
-                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+        raise DataError(
+            f"could not load HF dataset {name!r} (split {split!r}, revision {revision!r}): "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from err
     for i, row in enumerate(ds, start=1):
         yield i, row
 
 
 def _rows(source: Source) -> Iterator[Tuple[str, int, Union[Dict[str, Any], DataError]]]:
     if source.path.startswith(HF_PREFIX):
-        for lineno, row in _read_hf(source.path[len(HF_PREFIX):], source.hf_split, source.hf_revision):
+        for lineno, row in _read_hf(source.path[len(HF_PREFIX) :], source.hf_split, source.hf_revision):
             yield source.path, lineno, row
         return
     readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
@@ -213,7 +248,13 @@ def _missing(row: Dict[str, Any], name: str, key: str, where: str, lineno: int) 
         found = "messages" if "messages" in row else "conversations"
         hint = f"; chat data? set data.messages_field={found} and data.template=chatml or tokenizer"
     else:  # the usual names of other datasets (Alpaca, prompt/completion, TRL, ...)
-        usual = _USUAL_PROMPTS if key.endswith("prompt_field") else _USUAL_RESPONSES if key.endswith("response_field") else ()
+        usual = (
+            _USUAL_PROMPTS
+            if key.endswith("prompt_field")
+            else _USUAL_RESPONSES
+            if key.endswith("response_field")
+            else ()
+        )
         found = next((f for f in usual if f in row), None)
         hint = f"; this file looks like {key}={found}" if found else ""
     return DataError(f"missing field {name!r} (set {key}); fields present: {present}{hint}", where, lineno)
@@ -234,7 +275,9 @@ def normalise_messages(value: Any, where: str, lineno: int) -> List[Dict[str, st
         except json.JSONDecodeError as err:
             raise DataError(f"messages field is not a JSON list ({err.msg})", where, lineno) from err
     if not isinstance(value, list):
-        raise DataError(f"expected messages as a list of {{role, content}} objects, got {type(value).__name__}", where, lineno)
+        raise DataError(
+            f"expected messages as a list of {{role, content}} objects, got {type(value).__name__}", where, lineno
+        )
     out = []
     for turn in value:
         if not isinstance(turn, dict):
@@ -242,7 +285,9 @@ def normalise_messages(value: Any, where: str, lineno: int) -> List[Dict[str, st
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
         if role is None or content is None and "content" not in turn:
-            raise DataError(f"expected each message to have role and content; got fields {', '.join(sorted(turn))}", where, lineno)
+            raise DataError(
+                f"expected each message to have role and content; got fields {', '.join(sorted(turn))}", where, lineno
+            )
         if str(role) not in ROLES:
             raise DataError(f"unknown message role {role!r}; expected one of {', '.join(ROLES)}", where, lineno)
         out.append({"role": ROLES[str(role)], "content": "" if content is None else str(content)})
@@ -255,7 +300,7 @@ def _chat_record(messages: List[Dict[str, str]]) -> Dict[str, Any]:
     if last < 0:
         return {"prompt": "", "context": "", "response": "", "messages": messages}
     prompt = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
-    return {"prompt": prompt, "context": "", "response": messages[last]["content"], "messages": messages[:last + 1]}
+    return {"prompt": prompt, "context": "", "response": messages[last]["content"], "messages": messages[: last + 1]}
 
 
 def _normalise(row: Any, source: Source, where: str, lineno: int) -> Dict[str, Any]:
@@ -265,7 +310,11 @@ def _normalise(row: Any, source: Source, where: str, lineno: int) -> Dict[str, A
         if source.messages_field not in row:
             raise _missing(row, source.messages_field, f"{source.key_prefix}.messages_field", where, lineno)
         return _chat_record(normalise_messages(row[source.messages_field], where, lineno))
-    context = _text(row, source.context_field, f"{source.key_prefix}.context_field", where, lineno) if source.context_field else ""
+    context = (
+        _text(row, source.context_field, f"{source.key_prefix}.context_field", where, lineno)
+        if source.context_field
+        else ""
+    )
     return {
         "prompt": _text(row, source.prompt_field, f"{source.key_prefix}.prompt_field", where, lineno),
         "context": context,
@@ -292,8 +341,15 @@ def iter_records(data_cfg: DataConfig) -> Iterator[Dict[str, Any]]:
             except DataError as err:
                 if not skip:
                     raise
-                yield {**base, "prompt": "", "context": "", "response": "", "messages": [], "status": SKIPPED,
-                       "error": str(err)}
+                yield {
+                    **base,
+                    "prompt": "",
+                    "context": "",
+                    "response": "",
+                    "messages": [],
+                    "status": SKIPPED,
+                    "error": str(err),
+                }
                 continue
             blank = not rec["response"].strip() or not (rec["prompt"].strip() or rec["messages"])
             count += 1

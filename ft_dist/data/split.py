@@ -30,8 +30,12 @@ def example_key(prompt: str, context: str, response: str, messages: List[Dict[st
 
 def add_keys(batch: Dict[str, List[Any]]) -> Dict[str, List[int]]:
     """A `datasets.map(batched=True)` function adding the `key` column."""
-    return {"key": [example_key(p, c, r, m) for p, c, r, m in
-                    zip(batch["prompt"], batch["context"], batch["response"], batch["messages"])]}
+    return {
+        "key": [
+            example_key(p, c, r, m)
+            for p, c, r, m in zip(batch["prompt"], batch["context"], batch["response"], batch["messages"])
+        ]
+    }
 
 
 def first_occurrences(keys: np.ndarray) -> np.ndarray:

@@ -55,7 +55,10 @@ def chat_template_for(template: str, tokenizer: Any) -> Optional[str]:
     if template == "tokenizer":
         own = getattr(tokenizer, "chat_template", None)
         if not own:
-            raise ConfigError("data.template", "expected a tokenizer with a chat template for template=tokenizer; "
-                                               "this one has none (use template=chatml)")
+            raise ConfigError(
+                "data.template",
+                "expected a tokenizer with a chat template for template=tokenizer; "
+                "this one has none (use template=chatml)",
+            )
         return own if isinstance(own, str) else own.get("default", next(iter(own.values())))
     return None

@@ -32,7 +32,9 @@ class EncodeSettings:
     overlong: str
 
 
-def apply_length_policy(ids: List[int], labels: List[int], max_seq_len: int, side: str) -> Tuple[List[int], List[int], bool]:
+def apply_length_policy(
+    ids: List[int], labels: List[int], max_seq_len: int, side: str
+) -> Tuple[List[int], List[int], bool]:
     """Cut an over-long example to max_seq_len from the right (its end) or the left (its start)."""
     if len(ids) <= max_seq_len:
         return ids, labels, False
@@ -41,14 +43,19 @@ def apply_length_policy(ids: List[int], labels: List[int], max_seq_len: int, sid
     return ids[:max_seq_len], labels[:max_seq_len], True
 
 
-def _encoded(batch: Dict[str, List[Any]], tokenizer: Any, s: EncodeSettings) -> Iterator[Tuple[str, List[int], List[int]]]:
+def _encoded(
+    batch: Dict[str, List[Any]], tokenizer: Any, s: EncodeSettings
+) -> Iterator[Tuple[str, List[int], List[int]]]:
     """(prompt_text, input_ids, labels) per row, before the length policy."""
     if s.chat_template is not None:
         for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
             messages = _messages_of(row, s)
             ids, trained = encode_conversation(tokenizer, messages, s.chat_template, s.train_on_prompt)
-            yield (generation_prompt(tokenizer, messages, s.chat_template), ids,
-                   [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)])
+            yield (
+                generation_prompt(tokenizer, messages, s.chat_template),
+                ids,
+                [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)],
+            )
         return
     prompt_texts = [render_prompt(s.template, p, c) for p, c in zip(batch["prompt"], batch["context"])]
     # One call per column: the fast tokenizer encodes the whole batch in Rust, far quicker than row by row.
@@ -74,8 +81,9 @@ def encode_batch(batch: Dict[str, List[Any]], tokenizer: Any, settings: EncodeSe
     `keep` is False for examples to drop (overlong=drop, or no loss token left after truncation), and `truncated`
     records what was cut, so every run can report both counts. `length` is the token count after the policy.
     """
-    out: Dict[str, List[Any]] = {k: [] for k in ("prompt_text", "input_ids", "labels", "num_loss_tokens", "length",
-                                                 "truncated", "keep")}
+    out: Dict[str, List[Any]] = {
+        k: [] for k in ("prompt_text", "input_ids", "labels", "num_loss_tokens", "length", "truncated", "keep")
+    }
     for prompt_text, ids, labels in _encoded(batch, tokenizer, settings):
         ids, labels, truncated = apply_length_policy(ids, labels, settings.max_seq_len, settings.truncation_side)
         labels = [IGNORE_INDEX] + labels[1:]

@@ -25,7 +25,9 @@ def _responses(prepared: PreparedData) -> Iterator[Dict[str, Any]]:
         if "response" not in ds.column_names:  # packed rows hold no text
             continue
         for batch in ds.select_columns(["source", "source_line", "prompt", "response"]).iter(batch_size=1000):
-            for source, line, prompt, response in zip(batch["source"], batch["source_line"], batch["prompt"], batch["response"]):
+            for source, line, prompt, response in zip(
+                batch["source"], batch["source_line"], batch["prompt"], batch["response"]
+            ):
                 yield {"split": split, "source": source, "source_line": line, "prompt": prompt, "response": response}
 
 
@@ -98,10 +100,15 @@ def render_text(name: str, stats: Dict[str, Any], flags: Dict[str, Any], max_fla
     lines.append("per source:")
     lines += [f"  {src}: train {c['train']}  test {c['test']}" for src, c in s["per_source"].items()]
     ls = s["lengths"]
-    lines.append("token lengths: " + "  ".join(f"{k} {ls[k]}" for k in ("min", "p25", "p50", "p75", "p95", "p99", "max") if k in ls))
+    lines.append(
+        "token lengths: "
+        + "  ".join(f"{k} {ls[k]}" for k in ("min", "p25", "p50", "p75", "p95", "p99", "max") if k in ls)
+    )
     lines.append(length_table(s))
-    lines.append(f"responses flagged: repetition {flags['counts']['repetition']}, overly long {flags['counts']['too_long']} "
-                 f"(> {flags.get('long_ratio', '')}x the median {flags['median_response_words']} words)")
+    lines.append(
+        f"responses flagged: repetition {flags['counts']['repetition']}, overly long {flags['counts']['too_long']} "
+        f"(> {flags.get('long_ratio', '')}x the median {flags['median_response_words']} words)"
+    )
     for f in flags["flagged"][:max_flagged]:
         lines.append(f"  [{f['category']}] {f['source']}:{f['source_line']}: {f['detail']}")
     return "\n".join(lines)
@@ -128,6 +135,9 @@ def show_text(prepared: PreparedData, tokenizer: Any, n: int) -> str:
     lines = [f"{LOSS_OPEN}...{LOSS_CLOSE} marks the tokens that get loss (labels != -100); the rest is context."]
     for i, row in enumerate(prepared.train.select(range(min(n, len(prepared.train))))):
         trained = sum(label != -100 for label in row["labels"])
-        lines += ["", f"--- example {i + 1}: {len(row['input_ids'])} tokens, {trained} with loss",
-                  mark_loss_tokens(tokenizer, row["input_ids"], row["labels"])]
+        lines += [
+            "",
+            f"--- example {i + 1}: {len(row['input_ids'])} tokens, {trained} with loss",
+            mark_loss_tokens(tokenizer, row["input_ids"], row["labels"]),
+        ]
     return "\n".join(lines)

@@ -214,9 +214,7 @@ def find_misspellings(
     known = (vocabulary or set()) | reference_set | question_set
     # Reference words the answer left out: what a near-miss may have been meant to be.
     reference_content = _content(reference_set)
-    follows_reference = len(reference_content & answer_set) >= thresholds.min_near_miss_overlap * len(
-        reference_content
-    )
+    follows_reference = len(reference_content & answer_set) >= thresholds.min_near_miss_overlap * len(reference_content)
     missing_reference = [w for w in reference_content - answer_set if len(w) >= thresholds.min_word_length]
     found: List[Dict[str, Any]] = []
     for word in dict.fromkeys(tokens):  # unique, in order of appearance

@@ -36,9 +36,18 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
-             device: torch.device, progress: bool = True, synced: bool = False, rounds: int = 0,
-             filler: str = "") -> List[Generation]:
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+    synced: bool = False,
+    rounds: int = 0,
+    filler: str = "",
+) -> List[Generation]:
     """Greedy continuations of `prompts` (already rendered through the template), in input order.
 
     `synced`: the model is sharded; run exactly `rounds` batches (padding with `filler` prompts whose answers are
@@ -52,7 +61,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: List[Generation] = [Generation("", False)] * len(prompts)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if synced:
         encoded.append(tokenizer(filler, add_special_tokens=True)["input_ids"])
         batches += [[len(encoded) - 1]] * (rounds - len(batches))
@@ -64,24 +73,34 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=eos, synced_gpus=synced)
+            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            synced_gpus=synced,
+        )
         for row, i in enumerate(idx):
             if i >= len(prompts):  # a filler batch
                 continue
             new = out[row, width:].tolist()
             hit_eos = eos in new
-            new = new[:new.index(eos)] if hit_eos else new
-            results[i] = Generation(tokenizer.decode(new, skip_special_tokens=True), truncated=not hit_eos and len(new) >= max_new_tokens)
+            new = new[: new.index(eos)] if hit_eos else new
+            results[i] = Generation(
+                tokenizer.decode(new, skip_special_tokens=True), truncated=not hit_eos and len(new) >= max_new_tokens
+            )
     if was_training:
         model.train()
     return results
 
 
-def task_metrics(model: nn.Module, tokenizer: Any, test: Any, eval_cfg: EvalConfig, device: torch.device,
-                 synced: bool = False) -> Dict[str, Any]:
+def task_metrics(
+    model: nn.Module, tokenizer: Any, test: Any, eval_cfg: EvalConfig, device: torch.device, synced: bool = False
+) -> Dict[str, Any]:
     """Generate an answer for each test prompt and score it against the reference response.
 
     `synced`: `model` is sharded over the ranks (see generate); otherwise each rank holds it whole.
@@ -91,8 +110,17 @@ def task_metrics(model: nn.Module, tokenizer: Any, test: Any, eval_cfg: EvalConf
     mine = list(range(world.rank, n, world.size))
     rows = test[mine] if mine else {"prompt_text": [], "response": []}
     filler = test[0]["prompt_text"] if synced and n else ""
-    outs = generate(model, tokenizer, rows["prompt_text"], eval_cfg.max_new_tokens, eval_cfg.batch_size, device,
-                    synced=synced, rounds=batch_rounds(n, world.size, eval_cfg.batch_size), filler=filler)
+    outs = generate(
+        model,
+        tokenizer,
+        rows["prompt_text"],
+        eval_cfg.max_new_tokens,
+        eval_cfg.batch_size,
+        device,
+        synced=synced,
+        rounds=batch_rounds(n, world.size, eval_cfg.batch_size),
+        filler=filler,
+    )
     shards = [(i, o.text, o.truncated) for i, o in zip(mine, outs)]
     if world.distributed:
         gathered: List[Any] = [None] * world.size
@@ -102,6 +130,8 @@ def task_metrics(model: nn.Module, tokenizer: Any, test: Any, eval_cfg: EvalConf
     references = test[:n]["response"]
     scores = score_generations(predictions, references)
     scores["examples"] = n
-    samples = [{"prompt": p, "reference": r, "prediction": g, "truncated": t}
-               for p, r, (_, g, t) in zip(test[:n]["prompt"], references, shards)]
+    samples = [
+        {"prompt": p, "reference": r, "prediction": g, "truncated": t}
+        for p, r, (_, g, t) in zip(test[:n]["prompt"], references, shards)
+    ]
     return {"scores": scores, "samples": samples}

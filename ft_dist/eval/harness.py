@@ -209,4 +209,3 @@ def run_harness(
         "results": output["results"],
         "samples": output.get("samples", {}) if log_samples else {},
     }
-

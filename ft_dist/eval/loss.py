@@ -14,7 +14,9 @@ from ft_dist.strategies.base import Strategy
 
 
 @torch.no_grad()
-def evaluate_loss(strategy: Strategy, dataset: Any, pad_id: int, batch_size: int, max_batches: int = 0) -> Dict[str, float]:
+def evaluate_loss(
+    strategy: Strategy, dataset: Any, pad_id: int, batch_size: int, max_batches: int = 0
+) -> Dict[str, float]:
     """Mean per-token loss and perplexity over (the first `max_batches` batches of) `dataset`, sharded over ranks."""
     model = strategy.model
     was_training = model.training
@@ -30,7 +32,7 @@ def evaluate_loss(strategy: Strategy, dataset: Any, pad_id: int, batch_size: int
     for b in range(world.rank, rounds * world.size, world.size):
         real = b < n_batches
         start = (b if real else 0) * batch_size
-        rows = dataset[start:start + batch_size]
+        rows = dataset[start : start + batch_size]
         batch = to_device(collate(examples_from_rows(rows), pad_id), world.device)
         with strategy.autocast():
             out = model(**batch, use_cache=False, num_items_in_batch=1)  # reduction: sum over tokens

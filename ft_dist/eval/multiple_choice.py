@@ -100,7 +100,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> Tuple[List[int], 
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     whole = tokenizer.encode(context + continuation)
     context_ids = tokenizer.encode(context)
-    return context_ids, whole[len(context_ids):]
+    return context_ids, whole[len(context_ids) :]
 
 
 def model_max_length(model, default: int = 2048) -> int:
@@ -117,7 +117,7 @@ def _batch_loglikelihoods(model, pairs: Sequence[Tuple[List[int], List[int]]], m
     """Summed log-probabilities of each pair's continuation, one right-padded forward for the batch."""
     # Keep the last max_length + 1 tokens (the continuation and as much context as fits); the final token is
     # only ever a target, never an input.
-    rows = [(ctx + cont)[-(max_length + 1):][:-1] for ctx, cont in pairs]
+    rows = [(ctx + cont)[-(max_length + 1) :][:-1] for ctx, cont in pairs]
     width = max(len(r) for r in rows)
     device = next(model.parameters()).device
     input_ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)

@@ -42,6 +42,7 @@ class EvalRunConfig(RunConfig):
     worst_examples: int = 20
     """Examples shown in the Markdown error report, worst first."""
 
+
 @dataclass
 class GenerateRunConfig(RunConfig):
     """`ft-generate`: answer prompts with a model through the data config's template."""

@@ -108,15 +108,23 @@ def multiple_choice(cfg: EvalRunConfig, model: Any, tokenizer: Any) -> Dict[str,
             dist.log(f"warning: {err}; scoring only mc_file")
     if cfg.mc_file:
         with tempfile.TemporaryDirectory(prefix="ft-dist-mc-") as task_dir:
-            out = run_harness(model, items_path=cfg.mc_file, task_dir=task_dir, task_name=_task_name(cfg.mc_file),
-                              **common)
+            out = run_harness(
+                model, items_path=cfg.mc_file, task_dir=task_dir, task_name=_task_name(cfg.mc_file), **common
+            )
         metrics.update(out["metrics"])
         results.update(out["results"])
     return {"metrics": metrics, "results": results}
 
 
-def evaluate_model(cfg: EvalRunConfig, name: str, path: Optional[str], tokenizer: Any, data: PreparedData,
-                   world: dist.World, vocabulary: Optional[Set[str]]) -> ModelResult:
+def evaluate_model(
+    cfg: EvalRunConfig,
+    name: str,
+    path: Optional[str],
+    tokenizer: Any,
+    data: PreparedData,
+    world: dist.World,
+    vocabulary: Optional[Set[str]],
+) -> ModelResult:
     """Evaluate one model as cfg.mode says: mode=mc runs only the benchmarks, the others everything configured."""
     result = ModelResult(name)
     clock = time.perf_counter()

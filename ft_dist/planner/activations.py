@@ -37,8 +37,14 @@ _BLOCK_COEFFS = {
     ("gpt_neox", "pure", True): (20, 4, 4, 4),
 }
 # The final norm keeps what one block norm keeps (its output only if the head is trained): bytes per h.
-_FINAL_NORM = {("fp32", False): 12, ("fp32", True): 4, ("mixed", False): 10, ("mixed", True): 4,
-               ("pure", False): 8, ("pure", True): 4}
+_FINAL_NORM = {
+    ("fp32", False): 12,
+    ("fp32", True): 4,
+    ("mixed", False): 10,
+    ("mixed", True): 4,
+    ("pure", False): 8,
+    ("pure", True): 4,
+}
 
 
 @dataclass(frozen=True)
@@ -115,7 +121,7 @@ def activation_phases(arch: Architecture, setup: TrainingSetup) -> ActivationPha
     saved += final_norm + rotary
     logits = t * arch.vocab * (12 + setup.compute_bytes)
     if setup.attention == "eager":
-        saved += setup.micro_batch * setup.seq_len ** 2 * setup.compute_bytes  # the 4-D causal mask
+        saved += setup.micro_batch * setup.seq_len**2 * setup.compute_bytes  # the 4-D causal mask
     return ActivationPhases(saved=saved, logits=logits, backward_end=backward_end)
 
 

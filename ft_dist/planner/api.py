@@ -27,7 +27,9 @@ class Plan:
 
     def as_dict(self) -> Dict[str, Any]:
         return {
-            "model": self.model, "params": self.arch.total_params, "total_tokens": self.total_tokens,
+            "model": self.model,
+            "params": self.arch.total_params,
+            "total_tokens": self.total_tokens,
             "naive": [r.as_dict() for r in self.naive],
             "candidates": [c.as_dict() for c in self.candidates],
             "best": self.best.as_dict() if self.best else None,
@@ -41,16 +43,25 @@ def apply_trace(arch_dict: Mapping[str, Any], arch: Architecture, base: Training
 
     measured = trace_full_depth(arch_dict, base.but(device="cpu"), arch.layers, few=layers)
     predicted = estimate_memory(arch, base.but(device="cpu", strategy="single", nodes=1, gpus_per_node=1))
-    return {"measured_single_process_peak_bytes": measured.total,
-            "measured": measured.__dict__,
-            "analytic_single_process_peak_bytes": predicted.total,
-            "analytic_vs_measured": predicted.total / measured.total - 1}
+    return {
+        "measured_single_process_peak_bytes": measured.total,
+        "measured": measured.__dict__,
+        "analytic_single_process_peak_bytes": predicted.total,
+        "analytic_vs_measured": predicted.total / measured.total - 1,
+    }
 
 
-def plan(arch_dict: Mapping[str, Any], tokens: float, epochs: float = 1.0, base: TrainingSetup = TrainingSetup(),
-         space: Optional[SearchSpace] = None, catalog: Optional[Catalog] = None,
-         overhead: GpuOverhead = GpuOverhead(), mfu: Optional[Mapping[str, float]] = None,
-         model_name: str = "model") -> Plan:
+def plan(
+    arch_dict: Mapping[str, Any],
+    tokens: float,
+    epochs: float = 1.0,
+    base: TrainingSetup = TrainingSetup(),
+    space: Optional[SearchSpace] = None,
+    catalog: Optional[Catalog] = None,
+    overhead: GpuOverhead = GpuOverhead(),
+    mfu: Optional[Mapping[str, float]] = None,
+    model_name: str = "model",
+) -> Plan:
     """Rank every (instance, nodes, strategy) for `tokens` x `epochs` tokens of finetuning."""
     catalog = catalog or load_catalog()
     if mfu:

@@ -51,11 +51,19 @@ def load_catalog(path: Optional[str] = None) -> Catalog:
     for name, row in raw["instances"].items():
         gpu = gpus[row["gpu"]]
         instances[name] = Instance(
-            name=name, gpu=row["gpu"], gpus=row["gpus"], gpu_memory_gb=gpu["memory_gb"],
-            peak_tflops=dict(gpu["peak_tflops"]), precisions=tuple(gpu["precisions"]),
-            generation=gpu["generation"], nvlink_gb_per_s=row["nvlink_gb_per_s"],
-            network_gb_per_s=row["network_gb_per_s"], host_ram_gb=row["host_ram_gb"],
-            usd_per_hour=row["usd_per_hour"], price_date=str(row["price_date"]), price_source=row["price_source"],
+            name=name,
+            gpu=row["gpu"],
+            gpus=row["gpus"],
+            gpu_memory_gb=gpu["memory_gb"],
+            peak_tflops=dict(gpu["peak_tflops"]),
+            precisions=tuple(gpu["precisions"]),
+            generation=gpu["generation"],
+            nvlink_gb_per_s=row["nvlink_gb_per_s"],
+            network_gb_per_s=row["network_gb_per_s"],
+            host_ram_gb=row["host_ram_gb"],
+            usd_per_hour=row["usd_per_hour"],
+            price_date=str(row["price_date"]),
+            price_source=row["price_source"],
         )
     return Catalog(instances=instances, mfu=dict(raw["mfu"]))
 
@@ -63,6 +71,9 @@ def load_catalog(path: Optional[str] = None) -> Catalog:
 def instance(name: str, catalog: Optional[Catalog] = None) -> Instance:
     catalog = catalog or load_catalog()
     if name not in catalog.instances:
-        raise ConfigError("plan.instance", f"{name!r} is not in the catalog; expected one of "
-                                           f"{', '.join(catalog.instances)} (edit {CATALOG_PATH.name} to add one)")
+        raise ConfigError(
+            "plan.instance",
+            f"{name!r} is not in the catalog; expected one of "
+            f"{', '.join(catalog.instances)} (edit {CATALOG_PATH.name} to add one)",
+        )
     return catalog.instances[name]

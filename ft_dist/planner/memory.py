@@ -30,6 +30,8 @@ GIB = 2**30
 
 def ds_buckets(hidden: int) -> Dict[str, float]:
     return {"reduce": float(hidden * hidden), "allgather": float(hidden * hidden), "prefetch": 0.9 * hidden * hidden}
+
+
 # DeepSpeed's estimators multiply host RAM by this (additional_buffer_factor) for pinned buffers and copies.
 HOST_BUFFER_FACTOR = 1.5
 
@@ -60,8 +62,15 @@ class MemoryBreakdown:
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations + self.logits + self.comm_buffers \
+        return (
+            self.params
+            + self.grads
+            + self.optimizer
+            + self.activations
+            + self.logits
+            + self.comm_buffers
             + self.overhead
+        )
 
     def per_gpu(self) -> Dict[str, int]:
         out = {k: v for k, v in asdict(self).items() if k not in ("host_ram", "peak_phase")}
@@ -139,7 +148,7 @@ def _deepspeed_states(arch: Architecture, setup: TrainingSetup) -> ModelStates:
         optimizer = 0 if offload else trainable * (master + opt_state) / n
         if offload:  # offload_param + offload_optimizer, zero.Init: 16-bit params, fp32 grads, master, moments
             host = (trainable * (w + 4 + master + opt_state) + frozen) / setup.nodes
-        else:        # zero.Init: each rank materialises one module at a time
+        else:  # zero.Init: each rank materialises one module at a time
             host = largest * 4 * local
     else:
         params = trainable * w + frozen  # the full 16-bit model on every GPU
@@ -185,8 +194,7 @@ def _optimizer_temp_bytes(arch: Architecture, setup: TrainingSetup, states: Mode
     return arch.vocab * arch.hidden * 4
 
 
-def estimate_memory(arch: Architecture, setup: TrainingSetup,
-                    overhead: GpuOverhead = GpuOverhead()) -> MemoryBreakdown:
+def estimate_memory(arch: Architecture, setup: TrainingSetup, overhead: GpuOverhead = GpuOverhead()) -> MemoryBreakdown:
     """Peak bytes per GPU for one training step of `setup`, by component."""
     states = model_states(arch, setup)
     phases = activation_phases(arch, setup)
@@ -202,9 +210,15 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup,
     tensors = states.params + grads + states.optimizer + temp + acts + logits + comm
     extra = overhead.cuda_context_bytes + overhead.fragmentation * tensors if setup.device == "cuda" else 0.0
     return MemoryBreakdown(
-        params=int(states.params), grads=int(grads), optimizer=int(states.optimizer + temp),
-        activations=int(acts), logits=int(logits), comm_buffers=int(comm), overhead=int(extra),
-        host_ram=int(states.host_ram), peak_phase=name,
+        params=int(states.params),
+        grads=int(grads),
+        optimizer=int(states.optimizer + temp),
+        activations=int(acts),
+        logits=int(logits),
+        comm_buffers=int(comm),
+        overhead=int(extra),
+        host_ram=int(states.host_ram),
+        peak_phase=name,
     )
 
 
@@ -219,8 +233,9 @@ class InferenceMemory:
         return self.weights + self.kv_cache + self.overhead
 
 
-def estimate_inference(arch: Architecture, batch: int, tokens: int, weight_bytes: float = 2,
-                       overhead: GpuOverhead = GpuOverhead()) -> InferenceMemory:
+def estimate_inference(
+    arch: Architecture, batch: int, tokens: int, weight_bytes: float = 2, overhead: GpuOverhead = GpuOverhead()
+) -> InferenceMemory:
     """Weights + KV cache (K and V per layer per token, in 16 bit) for `batch` sequences of `tokens` tokens."""
     weights = arch.total_params * weight_bytes
     kv = 2 * arch.layers * arch.kv_dim * batch * tokens * 2

@@ -104,12 +104,18 @@ class Architecture:
 
         `all-linear` targets every block projection and, like PEFT, leaves out the output head.
         """
-        chosen = [lin for lin in self.block_linears
-                  if "all-linear" in targets or any(lin.name == t or lin.name.endswith("." + t) for t in targets)]
+        chosen = [
+            lin
+            for lin in self.block_linears
+            if "all-linear" in targets or any(lin.name == t or lin.name.endswith("." + t) for t in targets)
+        ]
         if not chosen:
             names = sorted({lin.name for lin in self.block_linears})
-            raise ConfigError("plan.lora_targets", f"none of {targets} is a projection of {self.model_type}; "
-                                                   f"expected all-linear or some of {', '.join(names)}")
+            raise ConfigError(
+                "plan.lora_targets",
+                f"none of {targets} is a projection of {self.model_type}; "
+                f"expected all-linear or some of {', '.join(names)}",
+            )
         return self.layers * sum(rank * (lin.fan_in + lin.fan_out) for lin in chosen)
 
 
@@ -120,8 +126,9 @@ def hf_config(arch: Mapping[str, Any]) -> Any:
     fields = dict(arch)
     model_type = fields.pop("model_type", None)
     if model_type not in _FAMILIES:
-        raise ConfigError("model.arch.model_type",
-                          f"the planner knows {', '.join(sorted(_FAMILIES))}; got {model_type!r}")
+        raise ConfigError(
+            "model.arch.model_type", f"the planner knows {', '.join(sorted(_FAMILIES))}; got {model_type!r}"
+        )
     return AutoConfig.for_model(model_type, **fields)
 
 
@@ -139,36 +146,69 @@ def architecture(arch: Mapping[str, Any]) -> Architecture:
     q, kv = heads * head_dim, kv_heads * head_dim
     if family == "gpt_neox":
         bias = getattr(cfg, "attention_bias", True)
-        linears = (Linear("query_key_value", h, 3 * q, bias), Linear("dense", q, h, bias),
-                   Linear("dense_h_to_4h", h, inter, True), Linear("dense_4h_to_h", inter, h, True))
+        linears = (
+            Linear("query_key_value", h, 3 * q, bias),
+            Linear("dense", q, h, bias),
+            Linear("dense_h_to_4h", h, inter, True),
+            Linear("dense_4h_to_h", inter, h, True),
+        )
         norm, final_norm = 4 * h, 2 * h  # two LayerNorms (weight + bias) per block, one final
     else:
         qkv_bias = True if cfg.model_type == "qwen2" else bool(getattr(cfg, "attention_bias", False))
         o_bias = False if cfg.model_type == "qwen2" else qkv_bias
         mlp_bias = bool(getattr(cfg, "mlp_bias", False))
-        linears = (Linear("q_proj", h, q, qkv_bias), Linear("k_proj", h, kv, qkv_bias),
-                   Linear("v_proj", h, kv, qkv_bias), Linear("o_proj", q, h, o_bias),
-                   Linear("gate_proj", h, inter, mlp_bias), Linear("up_proj", h, inter, mlp_bias),
-                   Linear("down_proj", inter, h, mlp_bias))
+        linears = (
+            Linear("q_proj", h, q, qkv_bias),
+            Linear("k_proj", h, kv, qkv_bias),
+            Linear("v_proj", h, kv, qkv_bias),
+            Linear("o_proj", q, h, o_bias),
+            Linear("gate_proj", h, inter, mlp_bias),
+            Linear("up_proj", h, inter, mlp_bias),
+            Linear("down_proj", inter, h, mlp_bias),
+        )
         norm, final_norm = 2 * h, h  # two RMSNorms (weight only) per block, one final
     return Architecture(
-        model_type=cfg.model_type, family=family, vocab=cfg.vocab_size, hidden=h, layers=cfg.num_hidden_layers,
-        heads=heads, kv_heads=kv_heads, head_dim=head_dim, intermediate=inter,
-        tied_embeddings=bool(cfg.tie_word_embeddings), positions=0,
-        norm_params_per_layer=norm, final_norm_params=final_norm, block_linears=linears,
+        model_type=cfg.model_type,
+        family=family,
+        vocab=cfg.vocab_size,
+        hidden=h,
+        layers=cfg.num_hidden_layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate=inter,
+        tied_embeddings=bool(cfg.tie_word_embeddings),
+        positions=0,
+        norm_params_per_layer=norm,
+        final_norm_params=final_norm,
+        block_linears=linears,
     )
 
 
 def _gpt2(cfg: Any) -> Architecture:
     h = cfg.n_embd
     inter = cfg.n_inner or 4 * h
-    linears = (Linear("c_attn", h, 3 * h, True), Linear("attn.c_proj", h, h, True),
-               Linear("c_fc", h, inter, True), Linear("mlp.c_proj", inter, h, True))
+    linears = (
+        Linear("c_attn", h, 3 * h, True),
+        Linear("attn.c_proj", h, h, True),
+        Linear("c_fc", h, inter, True),
+        Linear("mlp.c_proj", inter, h, True),
+    )
     return Architecture(
-        model_type="gpt2", family="gpt2", vocab=cfg.vocab_size, hidden=h, layers=cfg.n_layer, heads=cfg.n_head,
-        kv_heads=cfg.n_head, head_dim=h // cfg.n_head, intermediate=inter,
-        tied_embeddings=bool(cfg.tie_word_embeddings), positions=cfg.n_positions,
-        norm_params_per_layer=4 * h, final_norm_params=2 * h, block_linears=linears,
+        model_type="gpt2",
+        family="gpt2",
+        vocab=cfg.vocab_size,
+        hidden=h,
+        layers=cfg.n_layer,
+        heads=cfg.n_head,
+        kv_heads=cfg.n_head,
+        head_dim=h // cfg.n_head,
+        intermediate=inter,
+        tied_embeddings=bool(cfg.tie_word_embeddings),
+        positions=cfg.n_positions,
+        norm_params_per_layer=4 * h,
+        final_norm_params=2 * h,
+        block_linears=linears,
     )
 
 

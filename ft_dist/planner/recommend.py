@@ -40,16 +40,23 @@ class Candidate:
     reason: str = ""
 
     def as_dict(self) -> Dict[str, object]:
-        finite = (lambda x: round(x, 4) if math.isfinite(x) else None)
+        finite = lambda x: round(x, 4) if math.isfinite(x) else None
         return {
-            "instance": self.instance, "nodes": self.nodes, "gpus_per_node": self.gpus_per_node,
-            "strategy": self.strategy, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
-            "activation_checkpointing": self.activation_checkpointing, "fits": self.fits,
+            "instance": self.instance,
+            "nodes": self.nodes,
+            "gpus_per_node": self.gpus_per_node,
+            "strategy": self.strategy,
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum,
+            "activation_checkpointing": self.activation_checkpointing,
+            "fits": self.fits,
             "per_gpu_bytes": self.memory.per_gpu() if self.memory else None,
             "host_ram_bytes": self.memory.host_ram if self.memory else None,
             "usable_bytes_per_gpu": int(self.usable_bytes),
-            "tokens_per_second": finite(self.tokens_per_second), "hours": finite(self.hours),
-            "cost_usd": finite(self.cost_usd), "reason": self.reason,
+            "tokens_per_second": finite(self.tokens_per_second),
+            "hours": finite(self.hours),
+            "cost_usd": finite(self.cost_usd),
+            "reason": self.reason,
         }
 
 
@@ -86,8 +93,17 @@ def _structural_reason(base: TrainingSetup, inst: Instance, strategy: str, world
     return ""
 
 
-def evaluate(arch: Architecture, base: TrainingSetup, inst: Instance, nodes: int, strategy: str,
-             space: SearchSpace, catalog: Catalog, total_tokens: float, overhead: GpuOverhead) -> Candidate:
+def evaluate(
+    arch: Architecture,
+    base: TrainingSetup,
+    inst: Instance,
+    nodes: int,
+    strategy: str,
+    space: SearchSpace,
+    catalog: Catalog,
+    total_tokens: float,
+    overhead: GpuOverhead,
+) -> Candidate:
     """Best fitting micro-batch x checkpointing for one (instance, nodes, strategy)."""
     world = nodes * inst.gpus
     usable = inst.gpu_memory_gb * GIB * (1 - space.headroom)
@@ -104,8 +120,15 @@ def evaluate(arch: Architecture, base: TrainingSetup, inst: Instance, nodes: int
     for ac in acs:
         for mb in mbs:
             accum = max(1, math.ceil(space.global_batch / (mb * world)))
-            setup = base.but(strategy=strategy, nodes=nodes, gpus_per_node=inst.gpus, micro_batch=mb,
-                             grad_accum=accum, activation_checkpointing=ac, device="cuda")
+            setup = base.but(
+                strategy=strategy,
+                nodes=nodes,
+                gpus_per_node=inst.gpus,
+                micro_batch=mb,
+                grad_accum=accum,
+                activation_checkpointing=ac,
+                device="cuda",
+            )
             mem = estimate_memory(arch, setup, overhead)
             cand = Candidate(inst.name, nodes, inst.gpus, strategy, mb, accum, ac, False, mem, usable)
             if smallest is None or mem.total < smallest.memory.total:
@@ -123,9 +146,11 @@ def evaluate(arch: Architecture, base: TrainingSetup, inst: Instance, nodes: int
         assert smallest is not None and smallest.memory is not None
         m = smallest.memory
         if m.total > usable:
-            smallest.reason = (f"needs {m.total / GIB:.1f} GiB per GPU at micro-batch {smallest.micro_batch}"
-                               f"{' with checkpointing' if smallest.activation_checkpointing else ''}"
-                               f" > {usable / GIB:.1f} GiB usable")
+            smallest.reason = (
+                f"needs {m.total / GIB:.1f} GiB per GPU at micro-batch {smallest.micro_batch}"
+                f"{' with checkpointing' if smallest.activation_checkpointing else ''}"
+                f" > {usable / GIB:.1f} GiB usable"
+            )
         else:
             smallest.reason = f"needs {m.host_ram / 1e9:.0f} GB host RAM per node > {host_limit / 1e9:.0f} GB"
         return smallest
@@ -136,8 +161,14 @@ def evaluate(arch: Architecture, base: TrainingSetup, inst: Instance, nodes: int
     return best
 
 
-def recommend(arch: Architecture, base: TrainingSetup, catalog: Catalog, space: SearchSpace,
-              total_tokens: float, overhead: GpuOverhead = GpuOverhead()) -> List[Candidate]:
+def recommend(
+    arch: Architecture,
+    base: TrainingSetup,
+    catalog: Catalog,
+    space: SearchSpace,
+    total_tokens: float,
+    overhead: GpuOverhead = GpuOverhead(),
+) -> List[Candidate]:
     """Every (instance, nodes, strategy) option, fitting ones first, cheapest first."""
     out: List[Candidate] = []
     for name in space.instances:
@@ -184,10 +215,17 @@ def naive_table(catalog: Catalog) -> List[NaiveRow]:
     rows = []
     for inst in catalog.instances.values():
         mem = inst.gpu_memory_gb * 1e9
-        rows.append(NaiveRow(
-            instance=inst.name, gpus=inst.gpus, gpu=inst.gpu, gpu_memory_gb=inst.gpu_memory_gb,
-            max_inference_params=mem / (2 * INFERENCE_OVERHEAD), max_training_params=mem / 16,
-            zero3_node_training_params=mem * inst.gpus / 16, lora_training_params=mem / 2,
-            offload_training_params=min(mem * inst.gpus / 2, inst.host_ram_gb * 1e9 / 18),
-        ))
+        rows.append(
+            NaiveRow(
+                instance=inst.name,
+                gpus=inst.gpus,
+                gpu=inst.gpu,
+                gpu_memory_gb=inst.gpu_memory_gb,
+                max_inference_params=mem / (2 * INFERENCE_OVERHEAD),
+                max_training_params=mem / 16,
+                zero3_node_training_params=mem * inst.gpus / 16,
+                lora_training_params=mem / 2,
+                offload_training_params=min(mem * inst.gpus / 2, inst.host_ram_gb * 1e9 / 18),
+            )
+        )
     return rows

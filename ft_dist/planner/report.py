@@ -18,30 +18,40 @@ def _b(x: float) -> str:
 
 
 def naive_text(plan: Plan) -> str:
-    lines = ["Rule of thumb (one GPU, no sharding; inference 2 B/param x1.2 headroom, training 16 B/param), "
-             "and what ZeRO-3 over the node, LoRA and ZeRO-3 offload change:",
-             f"{'instance':15} {'GPUs':>4} {'GPU':10} {'GB':>4} {'max infer':>9} {'max train':>9} "
-             f"{'ZeRO-3 node':>11} {'LoRA':>6} {'offload':>8}"]
+    lines = [
+        "Rule of thumb (one GPU, no sharding; inference 2 B/param x1.2 headroom, training 16 B/param), "
+        "and what ZeRO-3 over the node, LoRA and ZeRO-3 offload change:",
+        f"{'instance':15} {'GPUs':>4} {'GPU':10} {'GB':>4} {'max infer':>9} {'max train':>9} "
+        f"{'ZeRO-3 node':>11} {'LoRA':>6} {'offload':>8}",
+    ]
     for r in plan.naive:
-        lines.append(f"{r.instance:15} {r.gpus:>4} {r.gpu:10} {r.gpu_memory_gb:>4.0f} {_b(r.max_inference_params):>9} "
-                     f"{_b(r.max_training_params):>9} {_b(r.zero3_node_training_params):>11} "
-                     f"{_b(r.lora_training_params):>6} {_b(r.offload_training_params):>8}")
+        lines.append(
+            f"{r.instance:15} {r.gpus:>4} {r.gpu:10} {r.gpu_memory_gb:>4.0f} {_b(r.max_inference_params):>9} "
+            f"{_b(r.max_training_params):>9} {_b(r.zero3_node_training_params):>11} "
+            f"{_b(r.lora_training_params):>6} {_b(r.offload_training_params):>8}"
+        )
     return "\n".join(lines)
 
 
 def candidates_text(plan: Plan, top: int) -> str:
     fits = [c for c in plan.candidates if c.fits]
-    lines = [f"{plan.model}: {plan.arch.total_params:,} parameters, {plan.total_tokens:.3g} tokens to train",
-             f"{'instance':14} {'nodes':>5} {'strategy':13} {'mb':>3} {'acc':>4} {'AC':>3} {'GiB/GPU':>8} "
-             f"{'tok/s':>9} {'hours':>8} {'cost $':>9}"]
+    lines = [
+        f"{plan.model}: {plan.arch.total_params:,} parameters, {plan.total_tokens:.3g} tokens to train",
+        f"{'instance':14} {'nodes':>5} {'strategy':13} {'mb':>3} {'acc':>4} {'AC':>3} {'GiB/GPU':>8} "
+        f"{'tok/s':>9} {'hours':>8} {'cost $':>9}",
+    ]
     for c in fits[:top]:
-        lines.append(f"{c.instance:14} {c.nodes:>5} {c.strategy:13} {c.micro_batch:>3} {c.grad_accum:>4} "
-                     f"{'on' if c.activation_checkpointing else 'off':>3} {c.memory.total / GIB:>8.1f} "
-                     f"{c.tokens_per_second:>9,.0f} {c.hours:>8.1f} {c.cost_usd:>9,.0f}")
+        lines.append(
+            f"{c.instance:14} {c.nodes:>5} {c.strategy:13} {c.micro_batch:>3} {c.grad_accum:>4} "
+            f"{'on' if c.activation_checkpointing else 'off':>3} {c.memory.total / GIB:>8.1f} "
+            f"{c.tokens_per_second:>9,.0f} {c.hours:>8.1f} {c.cost_usd:>9,.0f}"
+        )
     if fits:
         fastest = min(fits, key=lambda c: c.hours)
-        lines.append(f"cheapest: {fits[0].instance} x{fits[0].nodes} {fits[0].strategy}; "
-                     f"fastest: {fastest.instance} x{fastest.nodes} {fastest.strategy} ({fastest.hours:.1f} h)")
+        lines.append(
+            f"cheapest: {fits[0].instance} x{fits[0].nodes} {fits[0].strategy}; "
+            f"fastest: {fastest.instance} x{fastest.nodes} {fastest.strategy} ({fastest.hours:.1f} h)"
+        )
     else:
         lines.append("nothing fits: see the reasons below")
     rejected = [c for c in plan.candidates if not c.fits]
@@ -57,16 +67,23 @@ def candidates_text(plan: Plan, top: int) -> str:
 def train_overrides(plan: Plan, c: Candidate, precision: str, peft: str) -> List[str]:
     """Hydra overrides of ft-train for a candidate (strategy group names of the distributed issue)."""
     train_precision = "bf16" if precision == "pure_bf16" else precision
-    return [f"model={plan.model}", f"strategy={c.strategy}", f"peft={'none' if peft == 'none' else 'lora'}",
-            f"train.micro_batch_size={c.micro_batch}", f"train.grad_accum={c.grad_accum}",
-            f"train.precision={train_precision}",
-            f"model.gradient_checkpointing={'true' if c.activation_checkpointing else 'false'}"]
+    return [
+        f"model={plan.model}",
+        f"strategy={c.strategy}",
+        f"peft={'none' if peft == 'none' else 'lora'}",
+        f"train.micro_batch_size={c.micro_batch}",
+        f"train.grad_accum={c.grad_accum}",
+        f"train.precision={train_precision}",
+        f"model.gradient_checkpointing={'true' if c.activation_checkpointing else 'false'}",
+    ]
 
 
 def launch_command(c: Candidate, overrides: List[str]) -> str:
     """What ft-launch prints for this layout: the same line on every node, MASTER_ADDR set to the first one."""
     elastic = "ft-dist" if c.nodes > 1 else None
-    return shell_line(training_command(c.nodes, c.gpus_per_node, overrides, Rendezvous("$MASTER_ADDR", "29500", elastic)))
+    return shell_line(
+        training_command(c.nodes, c.gpus_per_node, overrides, Rendezvous("$MASTER_ADDR", "29500", elastic))
+    )
 
 
 def write_plan_files(plan: Plan, out_dir: Path, precision: str, peft: str) -> Optional[Path]:
@@ -79,9 +96,11 @@ def write_plan_files(plan: Plan, out_dir: Path, precision: str, peft: str) -> Op
     note = "# pure bf16 is planned; ft-train's nearest setting is bf16 mixed\n" if precision == "pure_bf16" else ""
     (out_dir / "plan.yaml").write_text(
         f"# ft-plan: {best.instance} x{best.nodes}, {best.hours:.1f} h, ${best.cost_usd:,.0f}\n{note}"
-        "overrides:\n" + "".join(f"  - {o}\n" for o in overrides))
-    (out_dir / "launch.sh").write_text("#!/bin/bash\n# run on every node; MASTER_ADDR = the first node\n"
-                                       + launch_command(best, overrides) + "\n")
+        "overrides:\n" + "".join(f"  - {o}\n" for o in overrides)
+    )
+    (out_dir / "launch.sh").write_text(
+        "#!/bin/bash\n# run on every node; MASTER_ADDR = the first node\n" + launch_command(best, overrides) + "\n"
+    )
     return out_dir
 
 
@@ -96,15 +115,16 @@ def write_chart(plan: Plan, path: Path, top: int) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(shown) + 2), 4.5))
-    labels = [f"{c.instance}\nx{c.nodes} {c.strategy}\nmb{c.micro_batch}{' AC' if c.activation_checkpointing else ''}"
-              for c in shown]
+    labels = [
+        f"{c.instance}\nx{c.nodes} {c.strategy}\nmb{c.micro_batch}{' AC' if c.activation_checkpointing else ''}"
+        for c in shown
+    ]
     bottom = [0.0] * len(shown)
     for comp in _COMPONENTS:
         values = [c.memory.per_gpu()[comp] / GIB for c in shown]
         ax.bar(range(len(shown)), values, bottom=bottom, label=comp)
         bottom = [b + v for b, v in zip(bottom, values)]
-    ax.scatter(range(len(shown)), [c.usable_bytes / GIB for c in shown], marker="_", s=400, color="k",
-               label="usable")
+    ax.scatter(range(len(shown)), [c.usable_bytes / GIB for c in shown], marker="_", s=400, color="k", label="usable")
     ax.set_xticks(range(len(shown)), labels, fontsize=6)
     ax.set_ylabel("GiB per GPU")
     ax.set_title(f"{plan.model}: memory per GPU at the peak")

@@ -23,8 +23,15 @@ from ft_dist.planner.workload import TrainingSetup
 
 # MemTracker's categories -> the planner's. Temporaries (e.g. an optimizer's per-tensor scratch) and buffers
 # (rotary tables) are counted with activations: both live only while a step runs.
-_CATEGORIES = {"Parameter": "params", "Gradient": "grads", "Optstate": "optimizer", "Activation": "activations",
-               "Temp": "activations", "Buffer": "activations", "Other": "activations"}
+_CATEGORIES = {
+    "Parameter": "params",
+    "Gradient": "grads",
+    "Optstate": "optimizer",
+    "Activation": "activations",
+    "Temp": "activations",
+    "Buffer": "activations",
+    "Other": "activations",
+}
 
 
 @dataclass(frozen=True)
@@ -39,19 +46,27 @@ class MeasuredPeak:
 
     def scaled(self, other: "MeasuredPeak", factor: float) -> "MeasuredPeak":
         """self + factor * (self - other): linear extrapolation in depth from two measurements."""
+
         def ext(a: int, b: int) -> int:
             return int(round(a + factor * (a - b)))
-        return MeasuredPeak(*(ext(getattr(self, f), getattr(other, f))
-                              for f in ("params", "grads", "optimizer", "activations", "total")))
+
+        return MeasuredPeak(
+            *(
+                ext(getattr(self, f), getattr(other, f))
+                for f in ("params", "grads", "optimizer", "activations", "total")
+            )
+        )
 
 
 def _check_traceable(setup: TrainingSetup) -> None:
     if setup.peft == "qlora":
-        raise ConfigError("plan.peft", "trace mode cannot run QLoRA (bitsandbytes 4-bit kernels need a GPU); "
-                                       "use plan.trace=false")
+        raise ConfigError(
+            "plan.peft", "trace mode cannot run QLoRA (bitsandbytes 4-bit kernels need a GPU); use plan.trace=false"
+        )
     if setup.optimizer == "adamw_8bit":
-        raise ConfigError("plan.optimizer", "trace mode cannot run 8-bit Adam (bitsandbytes needs a GPU); "
-                                            "use plan.trace=false")
+        raise ConfigError(
+            "plan.optimizer", "trace mode cannot run 8-bit Adam (bitsandbytes needs a GPU); use plan.trace=false"
+        )
 
 
 def build_model(arch: Mapping[str, Any], setup: TrainingSetup) -> Any:
@@ -73,8 +88,16 @@ def build_model(arch: Mapping[str, Any], setup: TrainingSetup) -> Any:
         from peft import LoraConfig, get_peft_model
 
         targets = "all-linear" if "all-linear" in setup.lora_targets else list(setup.lora_targets)
-        model = get_peft_model(model, LoraConfig(r=setup.lora_rank, lora_alpha=2 * setup.lora_rank,
-                                                 lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=setup.lora_rank,
+                lora_alpha=2 * setup.lora_rank,
+                lora_dropout=0.0,
+                target_modules=targets,
+                task_type="CAUSAL_LM",
+            ),
+        )
     if setup.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -114,8 +137,11 @@ def measure_step(arch: Mapping[str, Any], setup: TrainingSetup, fake: bool = Tru
     _check_traceable(setup)
     torch.manual_seed(0)
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16 if setup.precision == "bf16" else torch.float16)
-                if setup.mixed else contextlib.nullcontext())
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16 if setup.precision == "bf16" else torch.float16)
+        if setup.mixed
+        else contextlib.nullcontext()
+    )
     with mode:
         model = build_model(arch, setup)
         optimizer = _optimizer(model, setup)

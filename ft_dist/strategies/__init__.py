@@ -18,7 +18,10 @@ def build_strategy(cfg: StrategyConfig, train: TrainConfig, world: World) -> Str
 
         return SingleDevice(cfg, train, world)
     if not world.launched:
-        raise ConfigError("strategy", f"{name} needs several processes; launch with torchrun --nproc_per_node N, or use strategy=single")
+        raise ConfigError(
+            "strategy",
+            f"{name} needs several processes; launch with torchrun --nproc_per_node N, or use strategy=single",
+        )
     if name == "ddp":
         from ft_dist.strategies.ddp import DDP
 

@@ -32,7 +32,10 @@ def check_precision(precision: str, device: torch.device) -> None:
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision", "fp16 with loss scaling needs a CUDA GPU; use fp32 or bf16 on CPU")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.precision", f"{torch.cuda.get_device_name()} has no bf16 (needs sm80+, e.g. A100/H100); use fp16 on V100")
+        raise ConfigError(
+            "train.precision",
+            f"{torch.cuda.get_device_name()} has no bf16 (needs sm80+, e.g. A100/H100); use fp16 on V100",
+        )
 
 
 class Strategy(ABC):

@@ -21,8 +21,9 @@ class DDP(Strategy):
         self.module = spec.build().to(self.world.device)
         dev = self.world.device
         # Bucket views: gradients live in the all-reduce buckets instead of a second copy.
-        self.model = DistributedDataParallel(self.module, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                             gradient_as_bucket_view=True)
+        self.model = DistributedDataParallel(
+            self.module, device_ids=[dev.index] if dev.type == "cuda" else None, gradient_as_bucket_view=True
+        )
         if build_optimizer is not None:
             self.optimizer = build_optimizer([p for p in self.module.parameters() if p.requires_grad])
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.precision == "fp16")

@@ -43,7 +43,9 @@ ZERO3_SUB_GROUP = 50_000_000
 """Elements per ZeRO-3 optimizer sub-group (DeepSpeed's default is 1e9)."""
 
 
-def deepspeed_config(sc: StrategyConfig, tc: TrainConfig, world_size: int, on_gpu: bool, hidden: int = 0) -> Dict[str, Any]:
+def deepspeed_config(
+    sc: StrategyConfig, tc: TrainConfig, world_size: int, on_gpu: bool, hidden: int = 0
+) -> Dict[str, Any]:
     """The DeepSpeed JSON config equivalent to our strategy/train settings.
 
     Bucket sizes follow the model (what transformers' "auto" sets: hidden^2 elements, ZeRO-3 prefetch 0.9 hidden^2,
@@ -70,7 +72,11 @@ def deepspeed_config(sc: StrategyConfig, tc: TrainConfig, world_size: int, on_gp
         zero["sub_group_size"] = ZERO3_SUB_GROUP
     for key, where in (("offload_optimizer", sc.offload_optimizer), ("offload_param", sc.offload_params)):
         if where != "none":
-            zero[key] = {"device": where, "pin_memory": on_gpu, **({"nvme_path": sc.nvme_path} if where == "nvme" else {})}
+            zero[key] = {
+                "device": where,
+                "pin_memory": on_gpu,
+                **({"nvme_path": sc.nvme_path} if where == "nvme" else {}),
+            }
     return {
         "train_micro_batch_size_per_gpu": tc.micro_batch_size,
         "gradient_accumulation_steps": tc.grad_accum,
@@ -111,14 +117,18 @@ class DeepSpeedZero(Strategy):
             all_params = list(self.engine.module.parameters())
             local = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in all_params) / 2**20
             full = sum(p.ds_numel * p.ds_tensor.element_size() for p in all_params) / 2**20
-            dist.log(f"zero3: parameters partitioned at creation: this rank holds {local:.1f} MB of {full:.1f} MB of "
-                     f"parameters; peak RSS grew {self._build_growth_mb:.1f} MB while building")
+            dist.log(
+                f"zero3: parameters partitioned at creation: this rank holds {local:.1f} MB of {full:.1f} MB of "
+                f"parameters; peak RSS grew {self._build_growth_mb:.1f} MB while building"
+            )
         self._names = {id(p): n for n, p in self.engine.module.named_parameters()}
         self._ranges = self._fragment_ranges()
         if weights_dir is not None:
             from ft_dist.hf_weights import load_hf_weights
 
-            targets = {n: self._weight_target(p) for n, p in self.engine.module.named_parameters() if not is_adapter_name(n)}
+            targets = {
+                n: self._weight_target(p) for n, p in self.engine.module.named_parameters() if not is_adapter_name(n)
+            }
             load_hf_weights(targets, weights_dir)
             self._refresh_lp()
 
@@ -133,17 +143,26 @@ class DeepSpeedZero(Strategy):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = None
         if build_optimizer is not None:
-            if self.world.device.type == "cuda" and self.cfg.offload_optimizer != "none" \
-                    and self.train.optimizer == "adamw":
+            if (
+                self.world.device.type == "cuda"
+                and self.cfg.offload_optimizer != "none"
+                and self.train.optimizer == "adamw"
+            ):
                 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
                 tc = self.train
-                optimizer = DeepSpeedCPUAdam(params, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps,
-                                             weight_decay=tc.weight_decay)
+                optimizer = DeepSpeedCPUAdam(
+                    params,
+                    lr=tc.lr,
+                    betas=(tc.adam_beta1, tc.adam_beta2),
+                    eps=tc.adam_eps,
+                    weight_decay=tc.weight_decay,
+                )
             else:
                 optimizer = build_optimizer(params)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
-                                                    config=self.ds_config)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=params, config=self.ds_config
+        )
         self.model = self.engine
         self.has_optimizer = optimizer is not None
         if optimizer is not None:
@@ -164,8 +183,11 @@ class DeepSpeedZero(Strategy):
         mine = {}
         for name, p in module.named_parameters():
             hp = getattr(p, "_hp_mapping", None)
-            mine[name] = (hp.lp_fragment_address.start, hp.lp_fragment_address.start + hp.lp_fragment_address.numel) \
-                if hp is not None else (0, 0)
+            mine[name] = (
+                (hp.lp_fragment_address.start, hp.lp_fragment_address.start + hp.lp_fragment_address.numel)
+                if hp is not None
+                else (0, 0)
+            )
         gathered = dist.all_gather_objects(mine)
         return {name: [g[name] for g in gathered] for name in mine}
 
@@ -266,8 +288,11 @@ class DeepSpeedZero(Strategy):
         for name, p in module.named_parameters():
             model_sd[name] = self._weight_target(p)
             if self._trainable(p):
-                state[name] = {"step": torch.tensor(steps), "exp_avg": self._fragment(name, p, "exp_avg"),
-                               "exp_avg_sq": self._fragment(name, p, "exp_avg_sq")}
+                state[name] = {
+                    "step": torch.tensor(steps),
+                    "exp_avg": self._fragment(name, p, "exp_avg"),
+                    "exp_avg_sq": self._fragment(name, p, "exp_avg_sq"),
+                }
                 names.append(name)
         for prefix, m in module.named_modules():
             for n, b in m.named_buffers(recurse=False):
@@ -284,14 +309,21 @@ class DeepSpeedZero(Strategy):
         if inner is None:
             return
         # The fp32 partitions AdamW steps on: ZeRO-3 attaches them to the param groups only inside step().
-        flat = list(getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups", None)
-                    or [p for group in inner.param_groups for p in group["params"]])
+        flat = list(
+            getattr(zero, "fp32_partitioned_groups_flat", None)
+            or getattr(zero, "single_partition_of_fp32_groups", None)
+            or [p for group in inner.param_groups for p in group["params"]]
+        )
         missing = [p for p in flat if "exp_avg" not in inner.state.get(p, {})]
         if not missing:
             return
         for p in missing:  # keep whatever DeepSpeed already put there (e.g. swap bookkeeping)
-            inner.state[p] = {**inner.state.get(p, {}), "step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                              "exp_avg_sq": torch.zeros_like(p)}
+            inner.state[p] = {
+                **inner.state.get(p, {}),
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p),
+            }
         if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
             zero._hp_optimizer_states_linked = False
             zero._lazy_init_hp_params_optimizer_state()

@@ -47,7 +47,9 @@ def range_chunks(shape: Sequence[int], start: int, end: int) -> List[Chunk]:
     return out
 
 
-def sharded_range(local: torch.Tensor, shape: Sequence[int], ranges: Sequence[Tuple[int, int]], rank: int) -> "torch.Tensor":
+def sharded_range(
+    local: torch.Tensor, shape: Sequence[int], ranges: Sequence[Tuple[int, int]], rank: int
+) -> "torch.Tensor":
     """A ShardedTensor of global `shape` whose rank r holds flat elements ranges[r]; this rank's part is the first
     ranges[rank] length elements of the 1-D tensor `local` (a view into the engine's buffer, no copy)."""
     from torch.distributed._shard.metadata import ShardMetadata
@@ -68,8 +70,9 @@ def sharded_range(local: torch.Tensor, shape: Sequence[int], ranges: Sequence[Tu
             metas.append(md)
             n = math.prod(sizes)
             if r == rank:
-                shards.append(Shard(local[pos:pos + n].view(sizes), md))
+                shards.append(Shard(local[pos : pos + n].view(sizes), md))
             pos += n
     props = TensorProperties(dtype=local.dtype, pin_memory=local.is_pinned())
     return ShardedTensor._init_from_local_shards_and_global_metadata(
-        shards, ShardedTensorMetadata(metas, torch.Size(shape), props))
+        shards, ShardedTensorMetadata(metas, torch.Size(shape), props)
+    )

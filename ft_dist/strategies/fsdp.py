@@ -60,7 +60,9 @@ class FSDP2(Strategy):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         if self.precision == "fp16":
-            raise ConfigError("train.precision", "FSDP2 here runs fp32 or bf16; for fp16 (V100) use strategy=ddp or a zero stage")
+            raise ConfigError(
+                "train.precision", "FSDP2 here runs fp32 or bf16; for fp16 (V100) use strategy=ddp or a zero stage"
+            )
         dev = self.world.device
         mesh = dist.device_mesh(dev.type)
         model = spec.build(meta=True)
@@ -127,13 +129,21 @@ class FSDP2(Strategy):
 
         names = {id(m): n for n, m in self.model.named_modules()}
         units = [m for m in self.model.modules() if isinstance(m, FSDPModule) and m is not self.root] + [self.root]
-        buffers = {f"{p}.{n}" if p else n: b for p, m in self.model.named_modules()
-                   for n, b in m.named_buffers(recurse=False) if n not in m._non_persistent_buffers_set}
+        buffers = {
+            f"{p}.{n}" if p else n: b
+            for p, m in self.model.named_modules()
+            for n, b in m.named_buffers(recurse=False)
+            if n not in m._non_persistent_buffers_set
+        }
         with torch.no_grad():
             for unit in units:
                 unit.unshard()
                 prefix = names[id(unit)]
-                out = {f"{prefix}.{n}" if prefix else n: p for n, p in unit.named_parameters() if not isinstance(p, DTensor)}
+                out = {
+                    f"{prefix}.{n}" if prefix else n: p
+                    for n, p in unit.named_parameters()
+                    if not isinstance(p, DTensor)
+                }
                 if unit is self.root:
                     out.update(buffers)
                 yield out
