@@ -25,6 +25,8 @@ from ft_dist.atomic_io import atomic_dir, atomic_write_text  # noqa: F401  (re-e
 from ft_dist.config import ModelConfig, PeftConfig, RunConfig, TrainConfig
 from ft_dist.data.schema import DataConfig
 from ft_dist.errors import ConfigError
+from ft_dist.hf_weights import SAVE_DTYPES, write_hf_model
+from ft_dist.models import apply_peft, block_prefixes, build_model, load_tokenizer, model_tensors
 from ft_dist.settings import identity
 from ft_dist.tracking import scrub_secrets
 
@@ -58,7 +60,6 @@ def save_final_model(
     it, only `write` (rank 0) writes. A LoRA model saves its adapter under `adapter/`, and the merged model in
     `target` itself when merge_on_save(cfg).
     """
-    from ft_dist.hf_weights import SAVE_DTYPES, write_hf_model
 
     return write_hf_model(
         units,
@@ -217,8 +218,6 @@ def checkpoint_units(checkpoint: Path, twin: torch.nn.Module) -> Iterator[Dict[s
     from every rank's files into tensors of this process: memory is bounded by one block, never the model."""
     import torch.distributed.checkpoint as dcp
 
-    from ft_dist.models import block_prefixes, model_tensors
-
     names = {n: (tuple(t.shape), t.dtype) for n, t in model_tensors(twin).items()}
     prefixes = block_prefixes(twin)
     groups: Dict[str, list] = {p: [] for p in prefixes}
@@ -240,9 +239,6 @@ def export_checkpoint(
 ) -> Path:
     """Turn a training checkpoint (any strategy, any world size) into an HF model dir that plain
     `AutoModelForCausalLM.from_pretrained` loads. One process; it holds one block and one shard at a time."""
-    from ft_dist.hf_weights import SAVE_DTYPES, write_hf_model
-    from ft_dist.models import apply_peft, build_model, load_tokenizer
-
     tokenizer = load_tokenizer(run_cfg.model)
     twin = apply_peft(build_model(run_cfg.model, tokenizer, meta=True), run_cfg.peft)
     out = write_hf_model(

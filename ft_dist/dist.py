@@ -17,6 +17,8 @@ from typing import Any, Dict, Iterator, List
 import torch
 import torch.distributed as dist
 
+from ft_dist.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -51,7 +53,6 @@ def is_main() -> bool:
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     """`auto` takes this rank's GPU when there is one, else the CPU. Asking for cuda without one is a user error."""
-    from ft_dist.errors import ConfigError
 
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "expected a CUDA GPU for device=cuda, but torch sees none (use device=cpu)")

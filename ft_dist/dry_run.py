@@ -36,6 +36,14 @@ from omegaconf import OmegaConf
 from ft_dist import dist
 from ft_dist.atomic_io import atomic_write_text
 from ft_dist.config import RunConfig
+from ft_dist.loop import forward_backward
+from ft_dist.models import ModelSpec
+from ft_dist.optim import build_optimizer
+from ft_dist.planner.activations import activation_phases
+from ft_dist.planner.memory import estimate_memory, model_states
+from ft_dist.planner.params import architecture
+from ft_dist.planner.workload import TrainingSetup
+from ft_dist.strategies import build_strategy
 
 GIB = 2**30
 
@@ -131,7 +139,6 @@ def _fake_process_group(world_size: int) -> Iterator[dist.World]:
 
 def planner_setup(cfg: RunConfig) -> Any:
     """The planner's TrainingSetup for exactly this run (tensor bytes only: device=cpu, no CUDA terms)."""
-    from ft_dist.planner.workload import TrainingSetup
 
     dr = cfg.dry_run
     strategy = _strategy_name(cfg)
@@ -156,10 +163,6 @@ def planner_setup(cfg: RunConfig) -> Any:
 def simulate(cfg: RunConfig) -> Dict[str, Any]:
     """Build, train `dry_run.steps` steps and run the save path of the configured job as rank 0; the report."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from ft_dist.models import ModelSpec
-    from ft_dist.optim import build_optimizer
-    from ft_dist.strategies import build_strategy
 
     t0 = time.time()
     _single_sequences_under_fake_tensors(packed=bool(cfg.data.packing))
@@ -224,8 +227,6 @@ def _is_fsdp(strategy: Any) -> bool:
 def _train_steps(cfg: RunConfig, strategy: Any, world: dist.World, real: bool, report: Dict[str, Any]) -> None:
     """The loop's forward/backward on full batches of the configured shape, then the strategy's optimizer step."""
     from torch.distributed.tensor.debug import CommDebugMode
-
-    from ft_dist.loop import forward_backward
 
     model = strategy.unwrapped()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -346,10 +347,6 @@ def _state_bytes(obj: Any) -> int:
 
 def _planner_side(cfg: RunConfig, report: Dict[str, Any]) -> Dict[str, Any]:
     """The planner's figures for the same config, and the differences, each with its reason."""
-    from ft_dist.planner.activations import activation_phases
-    from ft_dist.planner.memory import estimate_memory, model_states
-    from ft_dist.planner.params import architecture
-
     arch = architecture(OmegaConf.to_container(cfg.model.arch, resolve=True))
     setup = planner_setup(cfg)
     states = model_states(arch, setup)

@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ft_dist import dist
 from ft_dist.config import ModelConfig, PeftConfig
 from ft_dist.errors import ConfigError
 
@@ -271,8 +272,6 @@ def resolve_weights_dir(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         from huggingface_hub import snapshot_download
-
-        from ft_dist import dist
 
         patterns = ["*.json", "*.safetensors"]
         with dist.main_first():

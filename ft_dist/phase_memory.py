@@ -16,6 +16,8 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
+from ft_dist import dist
+
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
 
@@ -90,7 +92,6 @@ class PhaseMemory:
 
     def gather(self) -> List[Dict[str, Any]]:
         """Every rank's record, in rank order, on every rank (a collective)."""
-        from ft_dist import dist
 
         return dist.all_gather_objects(self.rank_record())
 

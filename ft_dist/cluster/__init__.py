@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+from ft_dist.errors import ConfigError
+
 
 def job_overrides(overrides: Sequence[str], world_size: int, output_dir: Optional[object] = None) -> List[str]:
     """The user's training overrides for a job of `world_size` processes.
@@ -26,8 +28,6 @@ def job_overrides(overrides: Sequence[str], world_size: int, output_dir: Optiona
     """
     out = [o for o in overrides if output_dir is None or not o.startswith("output_dir=")]
     if world_size > 1 and "strategy=single" in out:  # refused here, before a job starts N processes to refuse it
-        from ft_dist.errors import ConfigError
-
         raise ConfigError(
             "strategy",
             f"single runs one process, but this job launches {world_size}; choose "

@@ -20,6 +20,7 @@ from ft_dist.config import ModelConfig, RunConfig, validate
 from ft_dist.data.schema import DataConfig, validate_data
 from ft_dist.errors import ConfigError
 from ft_dist.eval.run_schema import EvalRunConfig, GenerateRunConfig
+from ft_dist.planner.catalog import instance, load_catalog
 from ft_dist.planner.schema import PlanConfig
 from ft_dist.settings import check_fields, setting
 
@@ -140,6 +141,4 @@ def validate_plan(cfg: PlanRunConfig) -> None:
     if "model_type" not in cfg.model.arch:
         raise ConfigError("model.arch.model_type", "the planner builds from `arch`; this model config has none")
     if plan.instance is not None:
-        from ft_dist.planner.catalog import instance, load_catalog
-
         instance(plan.instance, load_catalog(plan.catalog))

@@ -11,7 +11,7 @@ from typing import Any, Dict
 
 from omegaconf import OmegaConf
 
-from ft_dist import EXIT_REQUEUE, dist, hooks
+from ft_dist import EXIT_REQUEUE, dist, dry_run, hooks
 from ft_dist.checkpoint import CheckpointManager, atomic_write_text, config_yaml, save_final_model
 from ft_dist.config import RunConfig
 from ft_dist.data.prepare import prepare_dataset
@@ -37,8 +37,6 @@ def _observed(units: Any, out_dir: Path, rank: int) -> Any:
 
 def run(cfg: RunConfig) -> int:
     if cfg.dry_run.world_size:  # simulate the cluster job in this process (fake tensors, fake process group)
-        from ft_dist import dry_run
-
         return dry_run.run(cfg)
     # The watchdog (train.hang_timeout_s) names a stuck rank; collectives must not time out before it does.
     world = dist.init(cfg.device, cfg.strategy.backend, min_timeout_s=cfg.train.hang_timeout_s + 120)

@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterator, List
 import numpy as np
 
 from ft_dist.data.prepare import PreparedData
+from ft_dist.data.tokenize import IGNORE_INDEX
 from ft_dist.eval.error_analysis import Thresholds, find_repetition, find_too_long, words
 
 
@@ -119,7 +120,6 @@ LOSS_OPEN, LOSS_CLOSE = "\u00ab", "\u00bb"  # « »: rarer in training text than
 
 def mark_loss_tokens(tokenizer: Any, input_ids: List[int], labels: List[int]) -> str:
     """The example as the model reads it, with each run of loss-bearing tokens (label != -100) in « »."""
-    from ft_dist.data.tokenize import IGNORE_INDEX
 
     pieces, start = [], 0
     for i in range(1, len(input_ids) + 1):

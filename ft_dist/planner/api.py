@@ -39,7 +39,7 @@ class Plan:
 
 def apply_trace(arch_dict: Mapping[str, Any], arch: Architecture, base: TrainingSetup, layers: int) -> Dict[str, Any]:
     """Trace mode: measure activations of the real architecture (fake tensors) at the planned micro-batch."""
-    from ft_dist.planner.trace import trace_full_depth
+    from ft_dist.planner.trace import trace_full_depth  # imports torch, which the analytic planner never needs
 
     measured = trace_full_depth(arch_dict, base.but(device="cpu"), arch.layers, few=layers)
     predicted = estimate_memory(arch, base.but(device="cpu", strategy="single", nodes=1, gpus_per_node=1))

@@ -9,7 +9,11 @@ from ft_dist.strategies.base import Strategy
 
 
 def build_strategy(cfg: StrategyConfig, train: TrainConfig, world: World) -> Strategy:
-    """The strategy `cfg.name` names, given its own config and the schedule (`train`) it runs."""
+    """The strategy `cfg.name` names, given its own config and the schedule (`train`) it runs.
+
+    Each strategy module is imported only when chosen: importing DeepSpeed alone takes seconds and starts its op
+    builder checks, which a DDP or FSDP2 run never needs.
+    """
     name = cfg.name
     if name == "single":
         if world.distributed:

@@ -25,6 +25,7 @@ from torch import nn
 
 from ft_dist import dist
 from ft_dist.config import StrategyConfig, TrainConfig
+from ft_dist.hf_weights import load_hf_weights
 from ft_dist.models import ModelSpec, block_prefixes, is_adapter_name
 from ft_dist.strategies.base import _DTYPES, OptimizerFactory, Strategy
 from ft_dist.strategies.fragments import sharded_range
@@ -124,8 +125,6 @@ class DeepSpeedZero(Strategy):
         self._names = {id(p): n for n, p in self.engine.module.named_parameters()}
         self._ranges = self._fragment_ranges()
         if weights_dir is not None:
-            from ft_dist.hf_weights import load_hf_weights
-
             targets = {
                 n: self._weight_target(p) for n, p in self.engine.module.named_parameters() if not is_adapter_name(n)
             }

@@ -20,6 +20,7 @@ from torch import nn
 
 from ft_dist import dist
 from ft_dist.errors import ConfigError
+from ft_dist.hf_weights import load_hf_weights
 from ft_dist.models import (
     ModelSpec,
     initial_values,
@@ -95,7 +96,6 @@ class FSDP2(Strategy):
     def _fill_weights(self, spec: ModelSpec) -> None:
         """Pretrained: each rank reads its own slices; anything not in the checkpoint (LoRA adapters) and every
         weight of a from-config model: initialised module by module, each rank keeping its shard."""
-        from ft_dist.hf_weights import load_hf_weights
 
         params = dict(self.model.named_parameters())
         weights_dir = spec.weights_dir
