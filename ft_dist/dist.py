@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -198,7 +199,6 @@ _PREEMPT_SIGNAL: List[int] = []
 
 def install_preemption_handlers() -> None:
     """Remember SIGTERM/SIGUSR1 instead of dying: the loop checks at each step boundary, saves, and exits 85."""
-    import signal
 
     def remember(signum: int, frame: Any) -> None:
         _PREEMPT_SIGNAL.append(signum)
@@ -210,6 +210,13 @@ def install_preemption_handlers() -> None:
 def preemption_signalled() -> bool:
     """Whether this process got a preemption signal (the loop agrees across ranks with an all-reduce)."""
     return bool(_PREEMPT_SIGNAL)
+
+
+def preemption_source() -> str:
+    """What rank 0 can say about a preemption the ranks agreed on: its own signal, or that another rank got one."""
+    if _PREEMPT_SIGNAL:
+        return f"{signal.Signals(_PREEMPT_SIGNAL[0]).name} received by rank {world().rank}"
+    return "a preemption signal received by another rank"
 
 
 def log(message: str) -> None:

@@ -7,22 +7,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 
 from ft_dist import EXIT_REQUEUE, dist, dry_run, hooks
 from ft_dist.checkpoint import CheckpointManager, atomic_write_text, config_yaml, save_final_model
 from ft_dist.config import RunConfig
-from ft_dist.data.prepare import prepare_dataset
+from ft_dist.data.prepare import PreparedData, prepare_dataset
 from ft_dist.eval.compare import before_after_table
 from ft_dist.eval.generation import task_metrics
-from ft_dist.loop import train_loop
+from ft_dist.loop import LoopResult, train_loop
 from ft_dist.models import ModelSpec, count_parameters, load_tokenizer
 from ft_dist.optim import build_optimizer
 from ft_dist.phase_memory import PhaseMemory, format_phase_table
 from ft_dist.runtime import resolve_output_dir, seed_everything
-from ft_dist.strategies import build_strategy
+from ft_dist.strategies import Strategy, build_strategy
 from ft_dist.tracking import Tracker, scrub_secrets
 from ft_dist.watchdog import Watchdog
 
@@ -79,17 +79,8 @@ def _train(cfg: RunConfig, world: dist.World) -> int:
     container = scrub_secrets(OmegaConf.to_container(cfg, resolve=True))
     tracker = Tracker(out_dir, cfg.logger, container)
     report: Dict[str, Any] = {"parameters": counts}
-    before_file = out_dir / "before.json"
-    if cfg.eval.before_training and checkpoints.resume_from is not None and before_file.exists():
-        report["before"] = json.loads(before_file.read_text())
-    elif cfg.eval.before_training:
-        model, synced = strategy.generation_model()
-        with memory.phase("eval_before"):
-            before = task_metrics(model, tokenizer, data.test, cfg.eval, world.device, synced=synced)
-        report["before"] = before["scores"]
-        if world.is_main:
-            atomic_write_text(before_file, json.dumps(before["scores"]))
-        dist.log(f"before finetuning: {json.dumps(before['scores'])}")
+    if cfg.eval.before_training:
+        report["before"] = _before_training(cfg, strategy, tokenizer, data, memory, out_dir, checkpoints.resume_from)
 
     def sample_task_metric() -> Dict[str, float]:
         sample_cfg = OmegaConf.merge(cfg.eval, {"max_examples": cfg.eval.during_training})
@@ -127,6 +118,45 @@ def _train(cfg: RunConfig, world: dist.World) -> int:
         return EXIT_REQUEUE
     if world.is_main and (out_dir / "PREEMPTED").exists():
         (out_dir / "PREEMPTED").unlink()
+    return _finish(cfg, strategy, spec, tokenizer, data, memory, tracker, out_dir, result, report)
+
+
+def _before_training(
+    cfg: RunConfig,
+    strategy: Strategy,
+    tokenizer: Any,
+    data: PreparedData,
+    memory: PhaseMemory,
+    out_dir: Path,
+    resumed_from: Optional[Path],
+) -> Dict[str, Any]:
+    """The task metric of the base model, measured once per run (a resumed run reads the first attempt's)."""
+    before_file = out_dir / "before.json"
+    if resumed_from is not None and before_file.exists():
+        return json.loads(before_file.read_text())
+    model, synced = strategy.generation_model()
+    with memory.phase("eval_before"):
+        before = task_metrics(model, tokenizer, data.test, cfg.eval, strategy.world.device, synced=synced)
+    if strategy.world.is_main:
+        atomic_write_text(before_file, json.dumps(before["scores"]))
+    dist.log(f"before finetuning: {json.dumps(before['scores'])}")
+    return before["scores"]
+
+
+def _finish(
+    cfg: RunConfig,
+    strategy: Strategy,
+    spec: ModelSpec,
+    tokenizer: Any,
+    data: PreparedData,
+    memory: PhaseMemory,
+    tracker: Tracker,
+    out_dir: Path,
+    result: LoopResult,
+    report: Dict[str, Any],
+) -> int:
+    """After the last step: the final eval, the HF model (streamed), memory per phase, eval.json and the table."""
+    world = strategy.world
     strategy.release_optimizer()  # training is over: the final eval and save need the weights only
     model, synced = strategy.generation_model()
     with memory.phase("final_eval"):

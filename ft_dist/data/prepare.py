@@ -151,6 +151,11 @@ def _length_summary(lengths: np.ndarray, max_seq_len: int) -> Dict[str, Any]:
 
 
 def _build(data_cfg: DataConfig, tokenizer: Any, target: Path) -> None:
+    """Read, filter, dedup, split, tokenize (and pack) into a temp dir, then rename it to `target`.
+
+    Over 80 lines on purpose: the pipeline's stages run in this order and each feeds the counts of the data
+    report; split over functions they would pass the dataset and the stats dict back and forth.
+    """
     from datasets import DatasetDict, disable_progress_bars
 
     disable_progress_bars()
