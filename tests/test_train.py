@@ -146,3 +146,10 @@ def test_pythia_from_config_with_real_neox_tokenizer_on_lamini(tmp_path, cache_d
     evals = [m["eval_loss"] for m in read_metrics(tmp_path) if "eval_loss" in m]
     assert evals[-1] < evals[0], evals
     assert (tmp_path / "final" / "config.json").read_text().count('"gpt_neox"') == 1
+    # Naming the run's own model option again keeps the run's settings of it (from_config, the local tokenizer),
+    # not conf/model/pythia-70m.yaml's hub tokenizer, which is out of reach offline.
+    proc = run_cli("eval", [f"checkpoint={tmp_path}", "model=pythia-70m", f"output_dir={tmp_path / 'eval'}",
+                            "eval.max_examples=2", "eval.max_new_tokens=2", f"data.cache_dir={cache_dir}"],
+                   env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["base"]["examples"] == 2

@@ -22,6 +22,7 @@ import psutil
 from ft_dist.cluster import job_overrides
 from ft_dist.cluster.command_line import Rendezvous, shell_line, training_command
 from ft_dist.cluster.node import forward_preemption_signals
+from ft_dist.cluster.rendezvous import free_port
 from ft_dist.commands import slurm
 from ft_dist.commands.slurm import check_train_overrides, compose_launch, exit_with_help_if_asked, split_argv
 from ft_dist.errors import ConfigError, UserError
@@ -54,7 +55,8 @@ def _main(argv: List[str]) -> None:
     argv = [a for a in argv if a != "--run"]
     launch_args, overrides = split_argv(argv)
     master_addr = _option(launch_args, "master_addr", "${MASTER_ADDR}")
-    port = int(_option(launch_args, "master_port", "29500"))
+    port_given = _option(launch_args, "master_port", None)
+    port = int(port_given or 29500)
     launcher = _option(launch_args, "launcher", "torchrun")
     node_rank = _option(launch_args, "node_rank", "${NODE_RANK}")
     max_restarts = int(_option(launch_args, "max_restarts", "0"))
@@ -63,6 +65,8 @@ def _main(argv: List[str]) -> None:
     cluster = cfg.cluster
     if cluster.nodes == 1 and master_addr == "${MASTER_ADDR}":
         master_addr = "127.0.0.1"
+        if run and port_given is None:  # two local jobs must not meet on torchrun's default port
+            port = free_port()
     env: Dict[str, str] = {k: str(v) for k, v in cluster.env.items()}
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default; deepspeed's launcher sets none (N procs x all cores)
     if max_restarts and launcher != "torchrun":
@@ -103,6 +107,7 @@ def _main(argv: List[str]) -> None:
             max_restarts=max_restarts,
             node_rank=node_rank,
         )
+        print(f"# running: {shell_line(exe)}", flush=True)
         child = subprocess.Popen(exe, env={**os.environ, **env})
         sys.exit(_supervise(child, launcher))
 

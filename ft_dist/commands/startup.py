@@ -135,7 +135,11 @@ def with_run_config(overrides: List[str], key: str = "checkpoint") -> List[str]:
                     f"{chosen!r}; drop {group}={chosen} (the run's config.yaml supplies it) or pass "
                     f"another {key}"
                 )
-            continue
+            if group == "data":  # other data to evaluate on: the user's choice
+                continue
+            # The run's own option, named again: the run's settings of it (from_config, tokenizer, arch overrides)
+            # still hold, not the option's defaults from conf/.
+            overrides = [o for o in overrides if o != f"{group}={chosen}"]
         (conf / group).mkdir()
         OmegaConf.save(saved[group], conf / group / "from_run.yaml")
         extra.append(f"{group}=from_run")
