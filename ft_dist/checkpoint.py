@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
 
 import torch
 from omegaconf import OmegaConf
@@ -221,7 +221,7 @@ def checkpoint_units(checkpoint: Path, twin: torch.nn.Module) -> Iterator[Dict[s
     names = {n: (tuple(t.shape), t.dtype) for n, t in model_tensors(twin).items()}
     prefixes = block_prefixes(twin)
     groups: Dict[str, list] = {p: [] for p in prefixes}
-    rest = []
+    rest: List[str] = []
     for n in names:
         owner = next((p for p in prefixes if n.startswith(p + ".")), None)
         (groups[owner] if owner else rest).append(n)
@@ -259,7 +259,7 @@ def config_fingerprint(cfg: RunConfig) -> Dict[str, Any]:
     """The flattened settings a checkpoint must agree with to be resumed exactly: every field of model, data, peft
     and train that identifies a run (a field's `identity=False` marks a label, a cadence or where things run;
     ft_dist/settings.py)."""
-    container = OmegaConf.to_container(cfg, resolve=True)
+    container = cast(Dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     flat: Dict[str, Any] = {}
     for group, schema in (("model", ModelConfig), ("data", DataConfig), ("peft", PeftConfig), ("train", TrainConfig)):
         flat.update({f"{group}.{k}": v for k, v in identity(schema, None, plain=container[group]).items()})

@@ -135,7 +135,7 @@ def close(barrier: bool = True) -> None:
         dist.destroy_process_group()
 
 
-_LAST_COLLECTIVE = {"name": "", "count": 0, "at": 0.0}
+_LAST_COLLECTIVE: Dict[str, Any] = {"name": "", "count": 0, "at": 0.0}
 
 
 def _entering(name: str) -> None:

@@ -28,14 +28,14 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, cast
 
 import torch
 from omegaconf import OmegaConf
 
 from ft_dist import dist
 from ft_dist.atomic_io import atomic_write_text
-from ft_dist.config import RunConfig
+from ft_dist.config import ModelConfig, RunConfig
 from ft_dist.loop import forward_backward
 from ft_dist.models import ModelSpec
 from ft_dist.optim import build_optimizer
@@ -166,7 +166,9 @@ def simulate(cfg: RunConfig) -> Dict[str, Any]:
 
     t0 = time.time()
     _single_sequences_under_fake_tensors(packed=bool(cfg.data.packing))
-    model_cfg = OmegaConf.merge(cfg.model, {"from_config": True})  # the architecture; nothing is read
+    model_cfg = cast(
+        ModelConfig, OmegaConf.merge(cfg.model, {"from_config": True})
+    )  # the architecture; nothing is read
     report: Dict[str, Any] = {
         "model": cfg.model.name,
         "strategy": _strategy_name(cfg),
@@ -239,7 +241,7 @@ def _train_steps(cfg: RunConfig, strategy: Any, world: dist.World, real: bool, r
         # The last step is the steady state (optimizer states exist): its forward/backward and its optimizer step
         # are measured each under its own tracker, which starts from what is resident (params, states, inputs).
         last = step == cfg.dry_run.steps - 1
-        tracker = _tracker(strategy) if last else contextlib.nullcontext()
+        tracker: Any = _tracker(strategy) if last else contextlib.nullcontext()
         if last and _is_fsdp(strategy):
             tracker.track_inputs(tuple(b["input_ids"] for b in batches))
         with tracker, comm if last else contextlib.nullcontext(), sizes.mode if last else contextlib.nullcontext():
@@ -347,7 +349,7 @@ def _state_bytes(obj: Any) -> int:
 
 def _planner_side(cfg: RunConfig, report: Dict[str, Any]) -> Dict[str, Any]:
     """The planner's figures for the same config, and the differences, each with its reason."""
-    arch = architecture(OmegaConf.to_container(cfg.model.arch, resolve=True))
+    arch = architecture(cast(Dict[str, Any], OmegaConf.to_container(cfg.model.arch, resolve=True)))
     setup = planner_setup(cfg)
     states = model_states(arch, setup)
     peak = estimate_memory(arch, setup)

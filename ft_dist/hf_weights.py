@@ -16,7 +16,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, cast
 
 import torch
 from torch import nn
@@ -140,7 +140,12 @@ class _LoraMerger:
             for n, p in layer.named_parameters():
                 if is_adapter_name(n):
                     p.copy_(self.adapters[f"{prefix}.{n}"])
-            delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters)
+            # PEFT LoraLayer members, which nn.Module.__getattr__ types as Tensor | Module; the sum of the active
+            # adapters' delta tensors is a Tensor (typeshed's sum adds `| Literal[0]` for an empty iterable).
+            delta = cast(
+                torch.Tensor,
+                sum(layer.get_delta_weight(a) for a in layer.active_adapters),  # type: ignore[operator, union-attr]
+            )
         for sub in subs:
             sub.to_empty(device="meta")
         return weight.float() + delta.float()
@@ -185,7 +190,8 @@ def write_hf_model(
                     else tensor
                 )
                 writer.add(hf_name(name), value, dtype)
-        base = twin.get_base_model() if is_peft else twin
+        # The HF PreTrainedModel (config, generation_config); nn.Module.__getattr__ would type them Tensor | Module.
+        base: Any = twin.get_base_model() if is_peft else twin  # type: ignore[operator]  # PEFT's get_base_model
         if writer is not None:
             writer.close()
             config = copy.deepcopy(base.config)
@@ -213,4 +219,4 @@ def _write_adapter(twin: nn.Module, adapters: Dict[str, torch.Tensor], out: Path
     save_file(
         {k: v.contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"), metadata={"format": "pt"}
     )
-    twin.peft_config["default"].save_pretrained(str(out))
+    twin.peft_config["default"].save_pretrained(str(out))  # type: ignore[index, union-attr]  # PEFT attribute

@@ -11,7 +11,7 @@ import hashlib
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -76,7 +76,7 @@ def architecture_config(model_cfg: ModelConfig) -> Any:
     from transformers import AutoConfig
 
     arch = (
-        OmegaConf.to_container(model_cfg.arch, resolve=True)
+        cast(Dict[str, Any], OmegaConf.to_container(model_cfg.arch, resolve=True))
         if OmegaConf.is_config(model_cfg.arch)
         else dict(model_cfg.arch)
     )
@@ -109,12 +109,14 @@ def build_model(
     if pretrained and path is not None and (Path(path) / "adapter_config.json").exists():
         return _load_adapter_model(model_cfg, tokenizer, path, dtype)
     if pretrained and not meta and init:
-        model = AutoModelForCausalLM.from_pretrained(path or model_cfg.name_or_path, dtype=dtype, **common)
+        source = path or model_cfg.name_or_path
+        assert source is not None  # pretrained: `path` or `model.name_or_path` is set
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common)
     else:
         if pretrained:
-            config = AutoConfig.from_pretrained(
-                path or model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code
-            )
+            source = path or model_cfg.name_or_path
+            assert source is not None  # pretrained: `path` or `model.name_or_path` is set
+            config = AutoConfig.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
         else:
             config = architecture_config(model_cfg)
         if tokenizer is not None:  # None: a dry run, which reads no tokenizer (the architecture suffices)
@@ -183,15 +185,17 @@ def lora_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
     """(name, layer) of every PEFT LoRA layer, in module order."""
     from peft.tuners.lora import LoraLayer
 
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer))
+    # peft's LoraLayer is a mixin, not an nn.Module: isinstance narrows m to LoraLayer, though it is both.
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer))  # type: ignore[misc]
 
 
 def reset_lora_layer(layer: nn.Module, name: str, seed: int) -> None:
     """PEFT's own adapter initialisation, drawn from a generator seeded by (seed, layer name)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_seed_for(seed, name))
-        for adapter in list(layer.lora_A.keys()):
-            layer.reset_lora_parameters(adapter, True)
+        # PEFT LoraLayer members, which nn.Module.__getattr__ types as Tensor | Module
+        for adapter in list(layer.lora_A.keys()):  # type: ignore[union-attr, operator]
+            layer.reset_lora_parameters(adapter, True)  # type: ignore[operator]
 
 
 def seed_adapters(model: nn.Module, seed: int) -> None:
@@ -215,7 +219,7 @@ def initial_values(
     yielded exists in memory. With `adapters_only` only the LoRA adapters are produced (the base is loaded); they
     come from `adapter_seed` (peft.seed) exactly as apply_peft draws them for a model built whole.
     """
-    hf = twin.get_base_model() if hasattr(twin, "get_base_model") else twin
+    hf = twin.get_base_model() if hasattr(twin, "get_base_model") else twin  # type: ignore[operator]  # PEFT method
     lora = dict(lora_layers(twin))
     for name, module in twin.named_modules():
         if name in lora:
@@ -233,7 +237,7 @@ def initial_values(
         module.to_empty(device="cpu", recurse=False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed_for(seed, name))
-            hf._init_weights(module)
+            hf._init_weights(module)  # type: ignore[operator]  # transformers PreTrainedModel method
         yield {f"{name}.{n}" if name else n: p.detach() for n, p in module.named_parameters(recurse=False)}
         module.to_empty(device="meta", recurse=False)
 
@@ -296,7 +300,7 @@ def resolve_weights_dir(name_or_path: str) -> Path:
 
 def transformer_blocks(model: nn.Module) -> List[nn.Module]:
     """The repeated blocks a sharded model is gathered by, one at a time: HF lists them in `_no_split_modules`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]  # PEFT
     names = set(getattr(base, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
@@ -314,7 +318,7 @@ def block_prefixes(model: nn.Module) -> List[str]:
 
 def model_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Parameters (a shared one once, under its first name) and persistent buffers, by name; no copies."""
-    out = dict(model.named_parameters())
+    out: Dict[str, torch.Tensor] = dict(model.named_parameters())
     for prefix, module in model.named_modules():
         for name, buf in module.named_buffers(recurse=False):
             if name not in module._non_persistent_buffers_set:

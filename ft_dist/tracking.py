@@ -11,7 +11,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Literal, Optional, cast
 
 from ft_dist import dist
 from ft_dist.config import LoggerConfig
@@ -134,7 +134,7 @@ def _start_wandb(output_dir: Path, logger_cfg: LoggerConfig, config: Dict[str, A
             tags=list(logger_cfg.tags) or None,
             config=scrub_secrets(config),
             dir=str(output_dir),
-            mode=mode,
+            mode=cast(Literal["online", "offline"], mode),  # LoggerMode, with auto resolved above
             settings=wandb.Settings(init_timeout=60, console="off"),
         )
         plan = output_dir / "plan.json"  # written by ft-plan into the run dir it planned

@@ -180,7 +180,7 @@ class Watchdog:
         try:
             import torch
 
-            trace = torch._C._distributed_c10d._dump_nccl_trace()
+            trace = torch._C._distributed_c10d._dump_nccl_trace()  # type: ignore[attr-defined]  # private, not in stubs
             (self.dir / f"nccl-trace-rank-{self.world.rank}.pkl").write_bytes(trace)
         except Exception as err:  # a missing or changed private API must not hide the stacks
             print(f"rank {self.world.rank}: no NCCL flight-recorder dump ({err})", file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ import os
 import socket
 import subprocess
 import sys
-from typing import List, Optional
+from typing import List, Optional, cast
 
 
 def job_hostnames(nodelist: Optional[str] = None) -> List[str]:
@@ -36,7 +36,8 @@ def node_addr(node: str) -> Optional[str]:
 
 def _ipv4(name: str) -> Optional[str]:
     try:
-        return socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+        # An AF_INET sockaddr is (host: str, port: int); typeshed types the address items as str | int.
+        return cast(str, socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
     except (socket.gaierror, IndexError, UnicodeError):
         return None
 

@@ -25,7 +25,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, cast
 
 import yaml
 
@@ -65,7 +65,8 @@ def sweep_config(
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     parameters = {o.get_key_element(): _sweep_parameter(o) for o in parsed if o.is_sweep_override()}
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    # Override.input_line is Optional in hydra; parse_overrides sets it on every override it returns.
+    fixed = cast(List[str], [o.input_line for o in parsed if not o.is_sweep_override()])
     if not parameters:
         raise ValueError("no sweep override (e.g. train.lr=1e-4,3e-4 or train.lr=interval(1e-5,1e-3))")
     if method == "grid" and any("values" not in p for p in parameters.values()):

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 from omegaconf import OmegaConf
 
 from ft_dist import dist
 from ft_dist.commands.schema import DataReportConfig
 from ft_dist.data.prepare import prepare_dataset
+from ft_dist.data.schema import DataConfig
 from ft_dist.eval.data_report import flag_responses, plot_lengths, render_text, show_text
 from ft_dist.models import load_tokenizer
 
@@ -21,7 +23,9 @@ def run(cfg: DataReportConfig) -> int:
     tokenizer = load_tokenizer(cfg.model)
     if cfg.action == "show":  # unpacked, so each row is one example; same records, template and masking
         text = show_text(
-            prepare_dataset(OmegaConf.merge(cfg.data, {"packing": False}), tokenizer), tokenizer, cfg.show_examples
+            prepare_dataset(cast(DataConfig, OmegaConf.merge(cfg.data, {"packing": False})), tokenizer),
+            tokenizer,
+            cfg.show_examples,
         )
         if dist.is_main():
             out.mkdir(parents=True, exist_ok=True)
@@ -30,7 +34,7 @@ def run(cfg: DataReportConfig) -> int:
         return 0
     # Example-level analysis needs each example's text, which packed rows no longer hold: analyse the unpacked
     # preparation (same records, split and tokens) and take the packing figures from the packed one.
-    unpacked_cfg = OmegaConf.merge(cfg.data, {"packing": False})
+    unpacked_cfg = cast(DataConfig, OmegaConf.merge(cfg.data, {"packing": False}))
     prepared = prepare_dataset(unpacked_cfg, tokenizer)
     if cfg.data.packing:
         prepared.stats["packing"] = prepare_dataset(cfg.data, tokenizer).stats["packing"]

@@ -17,7 +17,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple, cast
 
 from ft_dist import dist
 from ft_dist.checkpoint import atomic_write_text
@@ -56,7 +56,8 @@ def _label(path: str) -> str:
 def models_to_evaluate(cfg: EvalRunConfig) -> List[Tuple[str, Optional[str]]]:
     """(name, model dir or None for the base) of every model the mode evaluates, the baseline first."""
     if cfg.mode == "compare":
-        entries = list(cfg.checkpoints) or [BASE, cfg.checkpoint]
+        # validate_eval_run: compare without `checkpoints` needs `checkpoint` set
+        entries = list(cfg.checkpoints) or [BASE, cast(str, cfg.checkpoint)]
         models: List[Tuple[str, Optional[str]]] = []
         for entry in entries:
             path = None if entry == BASE else _checkpoint_dir(entry, "checkpoints")
@@ -97,8 +98,11 @@ def _error_line(results: List[ModelResult]) -> str:
     if not shown:
         return ""
     names = " -> ".join(r.name for r in shown)
-    counts = ", ".join(f"{c} " + " -> ".join(str(r.errors["counts"][c]) for r in shown) for c in CATEGORIES)
-    return f"error categories ({names}, of {shown[-1].errors['n']} answers): {counts}"
+    # every r in `shown` has errors (filtered above)
+    counts = ", ".join(
+        f"{c} " + " -> ".join(str(cast(Dict[str, Any], r.errors)["counts"][c]) for r in shown) for c in CATEGORIES
+    )
+    return f"error categories ({names}, of {cast(Dict[str, Any], shown[-1].errors)['n']} answers): {counts}"
 
 
 def _mc_table(results: List[ModelResult]) -> str:

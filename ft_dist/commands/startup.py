@@ -12,7 +12,7 @@ import difflib
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, cast
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -121,7 +121,7 @@ def with_run_config(overrides: List[str], key: str = "checkpoint") -> List[str]:
     run_dir = _run_dir_of(given) if given else None
     if run_dir is None:
         return overrides
-    saved = OmegaConf.load(run_dir / "config.yaml")
+    saved = cast(DictConfig, OmegaConf.load(run_dir / "config.yaml"))  # a run config: a mapping
     conf = Path(tempfile.mkdtemp(prefix="ft-dist-run-conf-"))
     atexit.register(shutil.rmtree, conf, True)
     extra = [f"hydra.searchpath=[file://{conf}]"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, cast
 
 from omegaconf import OmegaConf
 
@@ -17,6 +17,7 @@ from ft_dist.config import RunConfig
 from ft_dist.data.prepare import PreparedData, prepare_dataset
 from ft_dist.eval.compare import before_after_table
 from ft_dist.eval.generation import task_metrics
+from ft_dist.eval.schema import EvalConfig
 from ft_dist.loop import LoopResult, train_loop
 from ft_dist.models import ModelSpec, count_parameters, load_tokenizer
 from ft_dist.optim import build_optimizer
@@ -83,7 +84,7 @@ def _train(cfg: RunConfig, world: dist.World) -> int:
         report["before"] = _before_training(cfg, strategy, tokenizer, data, memory, out_dir, checkpoints.resume_from)
 
     def sample_task_metric() -> Dict[str, float]:
-        sample_cfg = OmegaConf.merge(cfg.eval, {"max_examples": cfg.eval.during_training})
+        sample_cfg = cast(EvalConfig, OmegaConf.merge(cfg.eval, {"max_examples": cfg.eval.during_training}))
         model, synced = strategy.generation_model()
         scores = task_metrics(model, tokenizer, data.test, sample_cfg, world.device, synced=synced)["scores"]
         return {f"sample_{k}": v for k, v in scores.items() if isinstance(v, float)}

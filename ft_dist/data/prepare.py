@@ -107,7 +107,7 @@ def column(ds: Any, name: str) -> np.ndarray:
     return values.to_numpy()
 
 
-def _user_error(err: BaseException) -> UserError | None:
+def _user_error(err: BaseException | None) -> UserError | None:
     """The DataError a generator raised, from inside the exception datasets wraps it in."""
     while err is not None:
         if isinstance(err, UserError):

@@ -81,6 +81,7 @@ def configured_sources(data_cfg: DataConfig) -> List[Source]:
     out = []
     for i, src in enumerate(entries):
         path = src.path if src is not None else data_cfg.path
+        assert path is not None  # validate_data: data.path is set whenever data.sources is empty
         out.append(
             Source(
                 index=i,
@@ -186,6 +187,7 @@ def _read_csv(path: Path) -> Iterator[Row]:
             start = reader.line_num + 1
             for values in reader:
                 if values:  # DictReader's semantics: blank lines skipped, extra values under None, missing ones None
+                    assert fields is not None  # a row after the header: the header was read
                     row: Dict[Any, Any] = dict(zip(fields, values))
                     if len(values) > len(fields):
                         row[None] = values[len(fields) :]
@@ -245,7 +247,7 @@ def _missing(row: Dict[str, Any], name: str, key: str, where: str, lineno: int) 
     present = ", ".join(sorted(map(str, row))) or "none"
     hint = ""
     if key.endswith("prompt_field") and any(k in row for k in ("messages", "conversations")):
-        found = "messages" if "messages" in row else "conversations"
+        found: Optional[str] = "messages" if "messages" in row else "conversations"
         hint = f"; chat data? set data.messages_field={found} and data.template=chatml or tokenizer"
     else:  # the usual names of other datasets (Alpaca, prompt/completion, TRL, ...)
         usual = (

@@ -75,7 +75,7 @@ def generate(
         for row, i in enumerate(idx):
             ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]) :] = 1
-        out = model.generate(
+        out = model.generate(  # type: ignore[operator]  # transformers' generate, not visible on nn.Module
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,

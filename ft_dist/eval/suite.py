@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, cast
 
 from ft_dist import dist
 from ft_dist.config import RunConfig
@@ -61,7 +61,10 @@ class ModelResult:
         """The numbers a comparison table shows: float metrics and each task's accuracies."""
         values = {k: v for k, v in self.metrics.items() if isinstance(v, float)}
         for task, metrics in self.mc.items():
-            values.update({f"{task}/{m}": float(metrics[m]) for m in MC_TABLE_METRICS if metrics.get(m) is not None})
+            # cast: the filter skips the None values
+            values.update(
+                {f"{task}/{m}": float(cast(float, metrics[m])) for m in MC_TABLE_METRICS if metrics.get(m) is not None}
+            )
         return values
 
 

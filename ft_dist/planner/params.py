@@ -146,7 +146,7 @@ def architecture(arch: Mapping[str, Any]) -> Architecture:
     q, kv = heads * head_dim, kv_heads * head_dim
     if family == "gpt_neox":
         bias = getattr(cfg, "attention_bias", True)
-        linears = (
+        linears: Tuple[Linear, ...] = (
             Linear("query_key_value", h, 3 * q, bias),
             Linear("dense", q, h, bias),
             Linear("dense_h_to_4h", h, inter, True),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, cast
 
 from ft_dist.planner.catalog import Catalog, Instance
 from ft_dist.planner.memory import GIB, GpuOverhead, MemoryBreakdown, estimate_memory
@@ -131,7 +131,8 @@ def evaluate(
             )
             mem = estimate_memory(arch, setup, overhead)
             cand = Candidate(inst.name, nodes, inst.gpus, strategy, mb, accum, ac, False, mem, usable)
-            if smallest is None or mem.total < smallest.memory.total:
+            # `smallest` is only ever a candidate built here, with its memory estimate
+            if smallest is None or mem.total < cast(MemoryBreakdown, smallest.memory).total:
                 smallest = cand
             if mem.total > usable or mem.host_ram > host_limit:
                 continue

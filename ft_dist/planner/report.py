@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, cast
 
 from ft_dist.cluster.command_line import Rendezvous, shell_line, training_command
 from ft_dist.planner.api import Plan
-from ft_dist.planner.memory import GIB
+from ft_dist.planner.memory import GIB, MemoryBreakdown
 from ft_dist.planner.recommend import Candidate
 
 _COMPONENTS = ("params", "grads", "optimizer", "activations", "logits", "comm_buffers", "overhead")
@@ -41,6 +41,7 @@ def candidates_text(plan: Plan, top: int) -> str:
         f"{'tok/s':>9} {'hours':>8} {'cost $':>9}",
     ]
     for c in fits[:top]:
+        assert c.memory is not None  # a candidate only fits with a memory estimate
         lines.append(
             f"{c.instance:14} {c.nodes:>5} {c.strategy:13} {c.micro_batch:>3} {c.grad_accum:>4} "
             f"{'on' if c.activation_checkpointing else 'off':>3} {c.memory.total / GIB:>8.1f} "
@@ -121,7 +122,7 @@ def write_chart(plan: Plan, path: Path, top: int) -> Optional[Path]:
     ]
     bottom = [0.0] * len(shown)
     for comp in _COMPONENTS:
-        values = [c.memory.per_gpu()[comp] / GIB for c in shown]
+        values = [cast(MemoryBreakdown, c.memory).per_gpu()[comp] / GIB for c in shown]  # shown: memory is not None
         ax.bar(range(len(shown)), values, bottom=bottom, label=comp)
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.scatter(range(len(shown)), [c.usable_bytes / GIB for c in shown], marker="_", s=400, color="k", label="usable")

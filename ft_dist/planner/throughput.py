@@ -48,7 +48,7 @@ def flops_per_token(arch: Architecture, setup: TrainingSetup) -> float:
     n = matmul_params(arch)
     attention = 6 * arch.layers * arch.q_dim * setup.seq_len
     per_n = 6 if setup.peft == "none" else 4
-    flops = per_n * n + attention
+    flops: float = per_n * n + attention
     if setup.activation_checkpointing:
         flops += 2 * n + attention / 3
     return float(flops)

@@ -49,6 +49,7 @@ class Strategy(ABC):
         check_precision(self.precision, world.device)
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
+        self.scaler: torch.amp.GradScaler  # set by the torch-native strategies' setup (clip_and_step uses it)
         self.fake_mode: Optional[Any] = None
         """A dry run's FakeTensorMode: storage is created under it, and no weights are read or initialised."""
 

@@ -30,7 +30,7 @@ class DDP(Strategy):
 
     def backward(self, loss: torch.Tensor, sync: bool) -> None:
         # Skip the all-reduce on all but the last micro-batch of a step: accumulate locally, reduce once.
-        with contextlib.nullcontext() if sync else self.model.no_sync():
+        with contextlib.nullcontext() if sync else self.model.no_sync():  # type: ignore[operator]  # DDP method
             self.scaler.scale(loss).backward()
 
     def step(self, max_grad_norm: float) -> float:

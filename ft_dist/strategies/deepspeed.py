@@ -207,7 +207,7 @@ class DeepSpeedZero(Strategy):
         return sharded_range(local, self._shape(p), self._ranges[name], self.world.rank)
 
     def _shape(self, p: torch.nn.Parameter) -> Tuple[int, ...]:
-        return tuple(p.ds_shape) if self.stage3 else tuple(p.shape)
+        return tuple(p.ds_shape) if self.stage3 else tuple(p.shape)  # type: ignore[attr-defined]  # ZeRO-3 attribute
 
     def _weight_target(self, p: torch.nn.Parameter) -> Any:
         """Where a weight's value lives: the fp32 master for trained ones; the 16-bit copy for frozen ones (the
@@ -216,7 +216,8 @@ class DeepSpeedZero(Strategy):
         if self._trainable(p):
             return self._fragment(name, p, None)
         if self.stage3:
-            return sharded_range(p.ds_tensor, self._shape(p), self._ranges[name], self.world.rank)
+            # ds_tensor: the ZeRO-3 partition DeepSpeed attaches to the parameter (not in torch's stubs)
+            return sharded_range(p.ds_tensor, self._shape(p), self._ranges[name], self.world.rank)  # type: ignore[attr-defined]
         return p.data
 
     def _refresh_lp(self) -> None:

@@ -50,7 +50,8 @@ def shard_units(model: nn.Module) -> List[nn.Module]:
     are the largest units of a big-vocabulary model; left in the root, both would stay gathered (with their
     gradients in fp32 for the reduce) from the first forward to the end of backward."""
     units = transformer_blocks(model)
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    # transformers PreTrainedModel methods, which nn.Module.__getattr__ types as Tensor | Module
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()  # type: ignore[operator]
     if embed is not None and head is not None and embed.weight is not head.weight:
         units = [embed, *units, head]
     return units
@@ -69,7 +70,8 @@ class FSDP2(Strategy):
         model = spec.build(meta=True)
         # The root is the HF model itself, also under PEFT: generate() calls it directly (not through the
         # PeftModel), and the root's hooks are what gather the embeddings and the head.
-        self.root = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # get_base_model: PEFT method, which nn.Module.__getattr__ types as Tensor | Module
+        self.root = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
         from torch.distributed.tensor import Shard
 
         n = self.world.size
@@ -102,6 +104,7 @@ class FSDP2(Strategy):
         if weights_dir is not None:
             load_hf_weights({n: p.detach() for n, p in params.items() if not is_adapter_name(n)}, weights_dir)
         twin = spec.build(meta=True)
+        assert spec.peft_cfg is not None  # a training spec carries cfg.peft (None only for ft-eval's SingleDevice)
         for values in initial_values(twin, spec.seed, spec.peft_cfg.seed, adapters_only=weights_dir is not None):
             for name, value in values.items():
                 fill_local(params[name], value)
@@ -137,7 +140,7 @@ class FSDP2(Strategy):
         }
         with torch.no_grad():
             for unit in units:
-                unit.unshard()
+                unit.unshard()  # type: ignore[operator]  # FSDPModule method (units are FSDPModules)
                 prefix = names[id(unit)]
                 out = {
                     f"{prefix}.{n}" if prefix else n: p
@@ -148,4 +151,4 @@ class FSDP2(Strategy):
                     out.update(buffers)
                 yield out
                 del out
-                unit.reshard()
+                unit.reshard()  # type: ignore[operator]  # FSDPModule method
