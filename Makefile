@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # DeepSpeed compiles its CPU/GPU ops on first use; one shared cache means they are built once, not per test.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,14 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) launch/train.py
 
-test: $(VENV)/.installed
+# Lint, format and type checks of the library first (seconds), then the suite.
+lint: $(VENV)/.installed
+	$(PY) -m ruff check ft_dist
+	$(PY) -m ruff format --check ft_dist
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) .cache runs multirun
+	rm -rf $(VENV) .cache runs multirun .mypy_cache .ruff_cache

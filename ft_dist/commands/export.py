@@ -18,8 +18,11 @@ from ft_dist.phase_memory import PhaseMemory
 
 def run(cfg: ExportConfig) -> int:
     checkpoint = find_resume_checkpoint(cfg.checkpoint, Path("."), key="checkpoint")
-    # checkpoint=auto|none|'' gives None (AttributeError here); raising a ConfigError instead would change behaviour.
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None  # type: ignore[union-attr]
+    if checkpoint is None:  # checkpoint=auto (or none) in a folder with no complete checkpoint
+        raise ConfigError(
+            "checkpoint", f"expected a checkpoints/step-N dir or a run dir with one, got {cfg.checkpoint!r}"
+        )
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
     if run_dir is None or not (run_dir / "config.yaml").exists():
         raise ConfigError(
             "checkpoint", f"expected <run dir>/checkpoints/step-N with the run's config.yaml, got {str(checkpoint)!r}"
@@ -29,7 +32,7 @@ def run(cfg: ExportConfig) -> int:
     with memory.phase("export"):
         out = export_checkpoint(
             run_cfg,
-            checkpoint,  # type: ignore[arg-type]  # not None past the line above (see there)
+            checkpoint,
             Path(cfg.output),
             merge_lora=cfg.merge_lora,
             max_shard_bytes=int(cfg.max_shard_gb * 2**30),

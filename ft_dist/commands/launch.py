@@ -55,7 +55,7 @@ def _main(argv: List[str]) -> None:
     argv = [a for a in argv if a != "--run"]
     launch_args, overrides = split_argv(argv)
     master_addr = _option(launch_args, "master_addr", "${MASTER_ADDR}")
-    port_given = _option(launch_args, "master_port", None)
+    port_given = _option(launch_args, "master_port", "")
     port = int(port_given or 29500)
     launcher = _option(launch_args, "launcher", "torchrun")
     node_rank = _option(launch_args, "node_rank", "${NODE_RANK}")
@@ -65,7 +65,7 @@ def _main(argv: List[str]) -> None:
     cluster = cfg.cluster
     if cluster.nodes == 1 and master_addr == "${MASTER_ADDR}":
         master_addr = "127.0.0.1"
-        if run and port_given is None:  # two local jobs must not meet on torchrun's default port
+        if run and not port_given:  # two local jobs must not meet on torchrun's default port
             port = free_port()
     env: Dict[str, str] = {k: str(v) for k, v in cluster.env.items()}
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default; deepspeed's launcher sets none (N procs x all cores)
