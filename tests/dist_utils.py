@@ -152,6 +152,18 @@ def logged_steps(run: Path) -> int:
     return sum(1 for line in f.read_text().splitlines() if '"loss"' in line) if f.exists() else 0
 
 
+def resumes(run_dir: Path) -> List[dict]:
+    """The `{"event": "resume", "step", "saved_world_size", "world_size", ...}` records of a run's metrics.jsonl."""
+    records = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    return [r for r in records if r.get("event") == "resume"]
+
+
+def resumed_at(run_dir: Path) -> int | None:
+    """The step the run's last attempt resumed from (None: it started fresh)."""
+    events = resumes(run_dir)
+    return events[-1]["step"] if events else None
+
+
 def digests(run_dir: Path) -> List[dict]:
     return [json.loads(p.read_text()) for p in sorted(run_dir.glob("param_digest.rank*.json"))]
 
