@@ -237,9 +237,14 @@ def test_a_csv_record_is_named_by_the_line_it_starts_on(tmp_path, cache_dir):
     # Record 1 spans lines 2-3, line 4 is blank, record 4 spans lines 7-8. Every error message names this line.
     path = tmp_path / "multi.csv"
     path.write_text('question,answer\n"two\nlines",a\n\nq2,b\nq3,c\n"q4","x\ny"\nq5,d\n')
-    from ft_dist.data.sources import iter_records
+    from ft_dist.data.sources import OK, SKIPPED, iter_records
     lines = [r["source_line"] for r in iter_records(data_cfg(cache_dir, f"data.path={path}", "data.on_error=skip"))]
     assert lines == [2, 5, 6, 7, 9]
+    # A row with more values than the header has columns is a bad line (its columns no longer line up), not a record.
+    path.write_text("question,answer\nq1,a\nq2,b,extra,fields\nq3,c\n")
+    records = list(iter_records(data_cfg(cache_dir, f"data.path={path}", "data.on_error=skip")))
+    assert [(r["source_line"], r["status"]) for r in records] == [(2, OK), (3, SKIPPED), (4, OK)]
+    assert "4 values but the header has 2 columns" in records[1]["error"]
 
 
 def test_a_user_file_gets_real_data_defaults_not_the_demos(tmp_path, cache_dir):
@@ -360,7 +365,7 @@ def report_cfg(tmp_path, cache_dir, *overrides):
 
 
 def test_report_counts_histogram_and_flags(tmp_path, cache_dir):
-    from ft_dist.eval.data_report import run
+    from ft_dist.commands.data import run
 
     rows = [{"question": f"What does setting {i} do?", "answer": f"Setting {i} changes the batch size used."} for i in range(40)]
     rows[3]["answer"] = "time and money and time and money and time and money"

@@ -186,13 +186,18 @@ def _read_csv(path: Path) -> Iterator[Row]:
             fields = next(reader, None)
             start = reader.line_num + 1
             for values in reader:
-                if values:  # DictReader's semantics: blank lines skipped, extra values under None, missing ones None
+                if values:  # blank lines skipped; missing values None (DictReader's semantics)
                     assert fields is not None  # a row after the header: the header was read
-                    row: Dict[Any, Any] = dict(zip(fields, values))
-                    if len(values) > len(fields):
-                        row[None] = values[len(fields) :]
-                    row.update({f: None for f in fields[len(values) :]})
-                    yield start, row
+                    if len(values) > len(fields):  # the columns no longer line up: a comma in an unquoted value
+                        message = (
+                            f"{len(values)} values but the header has {len(fields)} columns; quote values "
+                            "that contain commas"
+                        )
+                        yield start, DataError(message, str(path), start)
+                    else:
+                        row: Dict[Any, Any] = dict(zip(fields, values))
+                        row.update({f: None for f in fields[len(values) :]})
+                        yield start, row
                 start = reader.line_num + 1
     except UnicodeDecodeError as err:
         raise DataError(f"not UTF-8 text (byte {err.start}); re-encode the file as UTF-8", str(path)) from err
