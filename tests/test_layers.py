@@ -82,3 +82,14 @@ def test_the_check_catches_an_upward_import(tmp_path):
     assert len(found) == 2, found
     assert "ft_dist.data.prepare (data) imports ft_dist.loop (loop)" in found[0]
     assert "ft_dist.eval.generation (eval) imports ft_dist.commands.train (commands)" in found[1]
+
+
+def test_entry_points_live_in_the_commands_layer():
+    """Every console script and every `python -m` module is a command; library packages hold none."""
+    text = (REPO / "pyproject.toml").read_text()
+    section = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]  # tomllib is 3.11+; this table is flat
+    targets = [line.split("=", 1)[1].strip().strip('"') for line in section.splitlines() if "=" in line]
+    assert len(targets) == 8 and all(t.startswith("ft_dist.commands") for t in targets), targets
+    runnable = [str(p.relative_to(REPO)) for p in (REPO / "ft_dist").rglob("*.py")
+                if "__main__" in p.read_text() and "commands" not in p.parts]
+    assert runnable == []

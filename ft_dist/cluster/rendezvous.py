@@ -6,7 +6,7 @@ needs an address every node can connect to, so we take the node's NodeAddr from 
 IPv4 address, falling back to the name only when it resolves. The batch shell runs on the first node, so the port
 it finds free there is the one torchrun on that node will bind.
 
-    python -m ft_dist.cluster.rendezvous        # prints "ADDR PORT" inside an allocation
+    python -m ft_dist.commands.rendezvous       # prints "ADDR PORT" inside an allocation
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 from typing import List, Optional, cast
 
 
@@ -56,15 +55,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
-
-
-def main() -> None:
-    print(head_address(), free_port())
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except Exception as err:  # one line for the job log, not a traceback
-        print(f"rendezvous: {err}", file=sys.stderr)
-        sys.exit(1)

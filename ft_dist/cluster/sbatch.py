@@ -63,7 +63,7 @@ __SETUP__
 __ENV__
 RUN_DIR=__RUN_DIR__
 RESTART="${SLURM_RESTART_COUNT:-0}"
-read -r HEAD_ADDR HEAD_PORT < <(__PYTHON__ -m ft_dist.cluster.rendezvous) || { echo "[ft-dist] no rendezvous address"; exit 1; }
+read -r HEAD_ADDR HEAD_PORT < <(__PYTHON__ -m ft_dist.commands.rendezvous) || { echo "[ft-dist] no rendezvous address"; exit 1; }
 echo "[ft-dist] $(date '+%F %T') job $SLURM_JOB_ID restart $RESTART on $SLURM_JOB_NODELIST; rendezvous $HEAD_ADDR:$HEAD_PORT"
 
 # USR1 is the time-limit warning (--signal=B:USR1@N): checkpoint, then requeue. TERM is scancel (or the allocation

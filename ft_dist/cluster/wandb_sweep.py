@@ -17,7 +17,6 @@ environment variables, the parameters file the run reads its config from. Offlin
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -169,40 +168,3 @@ def online_agent(
     sweep_id = sweep_id or wandb.sweep(config, project=project, entity=entity)
     os.chdir(REPO_ROOT)  # the command's launch/train.py is relative to the checkout
     wandb.agent(sweep_id, entity=entity, project=project, count=count)
-
-
-def main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(prog="launch/sweep.py wandb", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="action", required=True)
-    gen = sub.add_parser("yaml", help="write a W&B sweep YAML from Hydra sweep overrides (after --)")
-    gen.add_argument("--nproc-per-node", type=int, default=1)
-    gen.add_argument("--method", default="grid", choices=["grid", "random", "bayes"])
-    gen.add_argument("--metric", default="eval_loss")
-    gen.add_argument("--goal", default="minimize", choices=["minimize", "maximize"])
-    gen.add_argument("--name")
-    gen.add_argument("--runs-dir", default="runs/wandb-sweeps")
-    gen.add_argument("-o", "--output", default="sweep.yaml")
-    gen.add_argument("overrides", nargs="*")
-    agent = sub.add_parser("agent", help="run trials of a sweep YAML (online with WANDB_API_KEY, else offline)")
-    agent.add_argument("sweep_file")
-    agent.add_argument("--count", type=int)
-    agent.add_argument("--sweep-id", help="an existing online sweep (else the YAML is registered once, here)")
-    agent.add_argument("--project", default="ft-dist")
-    agent.add_argument("--entity")
-    args = parser.parse_args(list(argv))
-    if args.action == "yaml":
-        config = sweep_config(
-            args.overrides, args.nproc_per_node, args.method, args.metric, args.goal, args.name, args.runs_dir
-        )
-        Path(args.output).write_text(yaml.safe_dump(config, sort_keys=False))
-        print(f"wrote {args.output}: {len(config['parameters'])} parameter(s), method {args.method}")
-        return
-    config = yaml.safe_load(Path(args.sweep_file).read_text())
-    online = os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE", "online") != "offline"
-    if online:
-        online_agent(config, args.count, args.sweep_id, args.project, args.entity)
-        return
-    results = offline_agent(config, args.count, args.sweep_id)
-    print(json.dumps(results, indent=2))
-    if any(r["exit_code"] != 0 for r in results):
-        sys.exit(1)

@@ -40,7 +40,3 @@ def make_examples(n: int, seed: int = 0) -> List[Dict[str, str]]:
 
 def write(path: Path, n: int = 3200) -> None:
     path.write_text("".join(json.dumps(x) + "\n" for x in make_examples(n)))
-
-
-if __name__ == "__main__":
-    write(Path(__file__).resolve().parent.parent / "assets" / "demo_extraction.jsonl")
