@@ -69,6 +69,15 @@ def hooked_train_script(directory: Path, hook_source: str, name: str = "hooked_t
     return script
 
 
+def hooks_in_every_python(directory: Path, hook_source: str) -> Dict[str, str]:
+    """Environment that installs `hook_source`'s hooks in every Python process started with it, through Python's
+    own `sitecustomize` on PYTHONPATH: for jobs a launcher starts (ft-launch --run), where no script of the test's
+    can stand in for launch/train.py."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / "sitecustomize.py").write_text(f"from ft_dist import hooks\n\n{hook_source}\n")
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(directory), os.environ.get("PYTHONPATH", "")) if p)}
+
+
 # Each rank's view of the final weights as they stream past (sum and norm per tensor), written per rank, so a test
 # can check that every rank gathered the same model.
 PARAM_DIGEST_HOOKS = """

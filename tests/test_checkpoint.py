@@ -21,6 +21,7 @@ import torch
 
 from conftest import REPO
 from dist_utils import (assert_readable_by_others, assert_same_weights, env, final_weights, free_port, hooked_train_script,
+                        hooks_in_every_python,
                         logged_steps, losses, resumed_at, resumes, single, torchrun, wait_for)
 
 pytestmark = pytest.mark.slow
@@ -161,10 +162,11 @@ def test_sigterm_single_process_exit_code(model_dir, cache_dir, tmp_path):
 
 
 SLOW_SAVE_AT_STEP_4 = """
-import time
+import os, time
 
 def slow_save(step, rank, path):
-    if step == 4:  # half written: the test kills the run now
+    # Half written (the test kills the run now); not again in an attempt torchrun restarted.
+    if step == 4 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         time.sleep(120)
 
 hooks.install("checkpoint_written", slow_save)
@@ -208,8 +210,9 @@ def test_torchrun_restarts_after_a_rank_is_killed(model_dir, cache_dir, uninterr
            "max_restarts=2", "--run", "--", *a]
     tag = tmp_path.name
     # LOGLEVEL: torchrun logs its restarts; faulthandler: SIGABRT makes a stuck worker print where it is.
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env({"FT_DIST_TEST_SAVE_DELAY": "4:120", "FT_DIST_TEST_ID": tag,
-                                                    "LOGLEVEL": "INFO", "PYTHONFAULTHANDLER": "1"}),
+    slow_first_save = hooks_in_every_python(tmp_path / "hooks", SLOW_SAVE_AT_STEP_4)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env({**slow_first_save, "FT_DIST_TEST_ID": tag, "LOGLEVEL": "INFO",
+                                                    "PYTHONFAULTHANDLER": "1"}),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for((tmp_path / "checkpoints" / ".step-00000004.tmp" / "rank-1.pt").exists, what="training past step 2")
