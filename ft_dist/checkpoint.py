@@ -262,7 +262,7 @@ def config_fingerprint(cfg: RunConfig) -> Dict[str, Any]:
     container = cast(Dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     flat: Dict[str, Any] = {}
     for group, schema in (("model", ModelConfig), ("data", DataConfig), ("peft", PeftConfig), ("train", TrainConfig)):
-        flat.update({f"{group}.{k}": v for k, v in identity(schema, None, plain=container[group]).items()})
+        flat.update({f"{group}.{k}": v for k, v in identity(schema, container[group]).items()})
     return flat
 
 

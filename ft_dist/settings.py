@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Dict, Iterable, Optional, Tuple, cast
+from typing import Any, Dict, Iterable, Tuple, cast
 
 from ft_dist.errors import ConfigError
 
@@ -77,16 +77,11 @@ def check_fields(schema: type, node: Any, prefix: str = "") -> None:
             raise ConfigError(key, f"expected a value >= {bound}, got {value!r}")
 
 
-def identity(
-    schema: type, node: Any, skip: Iterable[str] = (), plain: Optional[Dict[str, Any]] = None
-) -> Dict[str, Any]:
-    """The fields of `node` that identify a result (every field not declared `identity=False`, minus `skip`).
-
-    `plain`: the same config as plain containers (OmegaConf.to_container), to take the values from.
-    """
+def identity(schema: type, values: Any, skip: Iterable[str] = ()) -> Dict[str, Any]:
+    """The fields of a config that identify a result: every field of `schema` not declared `identity=False`, minus
+    `skip`. `values` is the config (a node read by attribute) or the same as a plain dict."""
+    get = values.get if isinstance(values, dict) else (lambda k: getattr(values, k))
     skipped = set(skip)
-    source = plain if plain is not None else node
-    get = source.get if isinstance(source, dict) else (lambda k: getattr(source, k))
     return {
         f.name: get(f.name)
         for f in dataclasses.fields(schema)

@@ -112,7 +112,7 @@ def test_cache_key_and_resume_fingerprint_follow_the_field_declarations():
         new_knob: int = 7
         new_label: str = setting("x", identity=False)
 
-    keys = identity(Extended, None, plain={f.name: 0 for f in dataclasses.fields(Extended)})
+    keys = identity(Extended, {f.name: 0 for f in dataclasses.fields(Extended)})
     assert "new_knob" in keys and "new_label" not in keys and "max_seq_len" in keys and "cache_dir" not in keys
 
 
