@@ -20,7 +20,8 @@ from ft_dist.eval.schema import EvalConfig
 from ft_dist.settings import check_fields, setting
 
 Attention = Literal["sdpa", "eager", "flash_attention_2"]
-Optimizer = Literal["adamw", "sgd"]
+Optimizer = Literal["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw"]
+LossKind = Literal["auto", "chunked", "full"]
 Scheduler = Literal["cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
 StrategyName = Literal["single", "ddp", "fsdp", "deepspeed"]
@@ -30,6 +31,11 @@ PeftMethod = Literal["none", "lora"]
 LoggerName = Literal["none", "wandb"]
 LoggerMode = Literal["auto", "online", "offline"]
 Device = Literal["auto", "cpu", "cuda"]
+
+
+CHUNKED_LOSS_ARCHS = frozenset({"llama", "mistral", "qwen2", "gpt_neox"})
+"""Architectures whose CausalLM forward is `logits = lm_head(hidden)` followed by the standard shifted
+cross-entropy (no logit scaling or soft-capping), so `train.loss=chunked` is exact; checked in tests/test_loss.py."""
 
 
 @dataclass
@@ -52,6 +58,9 @@ class ModelConfig:
     """sdpa | eager | flash_attention_2."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more compute."""
+    checkpoint_every: int = setting(1, positive=True)
+    """With gradient_checkpointing: recompute only every k-th transformer block (1: all of them). Selective: k=2
+    keeps half the blocks' activations for half the recompute."""
 
 
 @dataclass
@@ -59,7 +68,8 @@ class TrainConfig:
     """The optimisation schedule. Global batch = micro_batch_size x grad_accum x world size."""
 
     optimizer: str = setting("adamw", choices=Optimizer)
-    """adamw | sgd."""
+    """adamw (torch; fused on GPU) | sgd | adamw_8bit | paged_adamw_8bit | paged_adamw (bitsandbytes: 8-bit states,
+    paged states, or both; single and DDP only)."""
     lr: float = setting(2e-5, positive=True)
     weight_decay: float = setting(0.0, non_negative=True)
     adam_beta1: float = 0.9
@@ -78,6 +88,15 @@ class TrainConfig:
     """Clip the global gradient norm; 0 disables clipping."""
     precision: str = setting("fp32", choices=Precision)
     """fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)."""
+    # Both compute the same loss (to fp32 rounding), so a run may switch on resume.
+    loss: str = setting("auto", choices=LossKind, identity=False)
+    """chunked: cross-entropy from the hidden states in chunks, never the full [tokens x vocab] logits | full:
+    transformers' loss over full logits | auto: chunked for the architectures where it is exact (CHUNKED_LOSS_ARCHS)."""
+    loss_chunk_tokens: int = setting(1024, positive=True, identity=False)
+    """Tokens per chunk of `chunked`: its peak is about 3 x this x vocab x 4 bytes."""
+    offload_activations: bool = setting(False, identity=False)
+    """Keep the activations saved for backward in pinned host memory and copy them back in backward (saved-tensor
+    hooks): GPU memory traded for PCIe traffic. A CPU-only run has no other memory to move them to: no effect."""
     log_every: int = setting(10, positive=True, identity=False)
     eval_every: int = setting(0, non_negative=True, identity=False)
     """Eval loss every N steps (0: only at the end)."""
@@ -217,6 +236,13 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.model.tokenizer is None and cfg.model.name_or_path is None:
         raise ConfigError("model.tokenizer", "expected a tokenizer path or id when the model has no name_or_path")
+    model_type = cfg.model.arch.get("model_type") if cfg.model.arch else None
+    if cfg.train.loss == "chunked" and model_type is not None and model_type not in CHUNKED_LOSS_ARCHS:
+        raise ConfigError(
+            "train.loss",
+            f"chunked cross-entropy is exact only for {sorted(CHUNKED_LOSS_ARCHS)}, not model_type {model_type!r}; "
+            "use train.loss=auto or full",
+        )
     validate_data(cfg.data)
     sc = cfg.strategy
     if "nvme" in (sc.offload_optimizer, sc.offload_params):
@@ -238,6 +264,16 @@ def validate(cfg: RunConfig) -> None:
         )
     if sc.offload_params != "none" and sc.zero_stage != 3:
         raise ConfigError("strategy.offload_params", "parameter offload needs ZeRO stage 3 (strategy=zero3_offload)")
+    if cfg.train.optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw") and sc.name in ("fsdp", "deepspeed"):
+        # bitsandbytes' update kernels have no DTensor sharding rule, and ZeRO hands the optimizer flat partitions
+        # whose block-quantized states the name-keyed checkpoint fragments cannot be cut from.
+        where = "FSDP2's DTensor shards" if sc.name == "fsdp" else "ZeRO's flat partitions"
+        raise ConfigError(
+            "train.optimizer",
+            f"{cfg.train.optimizer} (bitsandbytes) cannot step {where}; use train.optimizer=adamw, whose "
+            f"states {'FSDP2' if sc.name == 'fsdp' else 'ZeRO'} shards, or strategy=ddp or single to keep "
+            f"{cfg.train.optimizer}",
+        )
     dr = getattr(cfg, "dry_run", None)
     if dr is not None and dr.world_size:
         validate_dry_run(cfg)

@@ -155,6 +155,10 @@ def planner_setup(cfg: RunConfig) -> Any:
         seq_len=cfg.data.max_seq_len,
         grad_accum=cfg.train.grad_accum,
         activation_checkpointing=cfg.model.gradient_checkpointing,
+        checkpoint_every=cfg.model.checkpoint_every,
+        offload_activations=cfg.train.offload_activations,
+        loss=cfg.train.loss,
+        loss_chunk_tokens=cfg.train.loss_chunk_tokens,
         attention=cfg.model.attn_implementation,
         device="cpu",
     )

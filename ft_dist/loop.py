@@ -66,9 +66,8 @@ def forward_backward(
     """
     total = torch.zeros((), device=strategy.world.device)
     for a, batch in enumerate(batches):
-        with strategy.autocast():
-            out = strategy.model(**batch, use_cache=False, num_items_in_batch=n_global)
-        loss = out.loss * float("nan") if poison else out.loss
+        loss = strategy.loss(batch, n_global)
+        loss = loss * float("nan") if poison else loss
         # Data-parallel engines average gradients over replicas; scale so the result is the global-token mean.
         strategy.backward(loss * strategy.dp_size, sync=a == len(batches) - 1)
         total = total + loss.detach().float()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ft_dist import dist
+from ft_dist.activations import checkpoint_blocks
 from ft_dist.config import ModelConfig, PeftConfig
 from ft_dist.errors import ConfigError
 
@@ -138,8 +139,7 @@ def build_model(
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        checkpoint_blocks(model, model_cfg.checkpoint_every)
     return model
 
 

@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Dict, Iterable
 
 import torch
 
 from ft_dist.config import TrainConfig
 
+BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw": "PagedAdamW"}
+"""train.optimizer -> its bitsandbytes class: 8-bit block-quantized Adam states (2 bytes a parameter instead of 8)
+and/or paged states that the GPU driver evicts to host memory under pressure."""
+
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: TrainConfig) -> torch.optim.Optimizer:
     params = list(params)
-    if train_cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train_cfg.lr, momentum=0.9, weight_decay=train_cfg.weight_decay)
-    # foreach=False keeps the update order fixed, so runs are reproducible bit for bit across processes.
-    return torch.optim.AdamW(
-        params,
-        lr=train_cfg.lr,
-        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-        eps=train_cfg.adam_eps,
-        weight_decay=train_cfg.weight_decay,
-        foreach=False,
+    tc = train_cfg
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tc.lr, momentum=0.9, weight_decay=tc.weight_decay)
+    adam: Dict[str, Any] = dict(
+        lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=tc.weight_decay
     )
+    if tc.optimizer in BNB_OPTIMIZERS:
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, BNB_OPTIMIZERS[tc.optimizer])(params, **adam)
+    if any(p.device.type == "cuda" for p in params):
+        return torch.optim.AdamW(params, **adam, fused=True)  # one kernel for all parameters
+    # CPU: one tensor at a time (foreach=False) keeps every update's arithmetic the same however the parameters are
+    # grouped or sharded, which the bitwise resume and strategy-parity tests rely on.
+    return torch.optim.AdamW(params, **adam, foreach=False)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:

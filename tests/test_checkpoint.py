@@ -79,6 +79,24 @@ def test_exact_resume_is_bitwise(strategy, model_dir, cache_dir, uninterrupted, 
     assert_same_weights(tmp_path, full, exact=True)
 
 
+@pytest.mark.parametrize("strategy,optimizer", [("ddp", "adamw_8bit"), ("single", "paged_adamw_8bit")])
+def test_bitsandbytes_optimizer_resumes_bitwise(strategy, optimizer, model_dir, cache_dir, tmp_path):
+    """8-bit block-quantized and paged Adam states (bitsandbytes, on CPU) go through the same checkpoint: the
+    resumed steps and the final weights are bit for bit those of the uninterrupted run."""
+    layout = ONE if strategy == "single" else TWO
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    launch(strategy, args(model_dir, cache_dir, full, f"train.optimizer={optimizer}", *layout), 2)
+    launch(strategy, args(model_dir, cache_dir, resumed, f"train.optimizer={optimizer}",
+                          f"train.resume={step_dir(full, 3)}", *layout), 2)
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(step_dir(full, 3) / "state")).read_metadata().state_dict_metadata
+    assert any(k.endswith("q_proj.weight.__bnb_optimizer_quant_state__.absmax1") for k in saved)  # 8-bit states
+    assert resumed_at(resumed) == 3
+    assert losses(resumed) == losses(full)[3:]
+    assert_same_weights(resumed, full, exact=True)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
 def test_resume_two_ranks_to_one(strategy, model_dir, cache_dir, uninterrupted, tmp_path):
     full = uninterrupted(strategy)

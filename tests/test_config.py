@@ -60,6 +60,17 @@ def test_impossible_values_name_the_key(override, key):
     assert info.value.key == key
 
 
+@pytest.mark.parametrize("overrides,key,alternative", [
+    (["train.optimizer=adamw_8bit", "strategy=fsdp"], "train.optimizer", "use train.optimizer=adamw"),
+    (["train.optimizer=paged_adamw", "strategy=zero3_offload"], "train.optimizer", "strategy=ddp or single"),
+    (["train.loss=chunked", "+model.arch.n_embd=32", "model.arch.model_type=gpt2"], "train.loss", "train.loss=auto"),
+])
+def test_unsupported_memory_saver_combinations_name_the_key_and_the_alternative(overrides, key, alternative):
+    with pytest.raises(ConfigError) as info:
+        compose(overrides)
+    assert info.value.key == key and alternative in str(info.value) and "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("arg,key", [
     ("modle=tiny", "modle"),
     ("train.lr=fast", "train.lr"),

@@ -15,6 +15,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
               "ft_dist.settings", "ft_dist.phase_memory")),
     ("config", ("ft_dist.config", "ft_dist.data.schema", "ft_dist.eval.schema", "ft_dist.planner.schema",
                 "ft_dist.cluster.schema")),
+    ("components", ("ft_dist.loss", "ft_dist.activations")),
     ("cluster", ("ft_dist.cluster",)),
     ("planner", ("ft_dist.planner",)),
     ("data", ("ft_dist.data",)),

@@ -85,6 +85,8 @@ LLAMA_GQA = dict(LLAMA, hidden_size=384, intermediate_size=1024, num_hidden_laye
                  num_key_value_heads=2)
 NEOX = dict(model_type="gpt_neox", vocab_size=1000, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
             num_attention_heads=4, tie_word_embeddings=False)
+LLAMA_32K = dict(LLAMA, vocab_size=32_000)  # fp32 logits of 1024 tokens: 125 MiB, a large share of the peak
+LLAMA_4 = dict(LLAMA, num_hidden_layers=4)
 GRID = [  # (arch, setup): sizes, batch, sequence, checkpointing, full vs LoRA, precision
     (LLAMA, TrainingSetup(precision="fp32", micro_batch=2, seq_len=256)),
     (LLAMA, TrainingSetup(precision="fp32", micro_batch=4, seq_len=128)),
@@ -99,6 +101,13 @@ GRID = [  # (arch, setup): sizes, batch, sequence, checkpointing, full vs LoRA, 
     (LLAMA_GQA, TrainingSetup(precision="pure_bf16", micro_batch=4, seq_len=256, activation_checkpointing=True)),
     (NEOX, TrainingSetup(precision="fp32", micro_batch=2, seq_len=256)),
     (NEOX, TrainingSetup(precision="fp32", micro_batch=2, seq_len=256, peft="lora")),
+    # The memory savers against their baselines (tests/test_memory_features.py checks they leave the loss alone).
+    (LLAMA_32K, TrainingSetup(precision="fp32", micro_batch=2, seq_len=512, loss="full")),
+    (LLAMA_32K, TrainingSetup(precision="fp32", micro_batch=2, seq_len=512, loss="chunked", loss_chunk_tokens=128)),
+    (LLAMA_4, TrainingSetup(precision="fp32", micro_batch=2, seq_len=256)),
+    (LLAMA_4, TrainingSetup(precision="fp32", micro_batch=2, seq_len=256, activation_checkpointing=True)),
+    (LLAMA_4, TrainingSetup(precision="fp32", micro_batch=2, seq_len=256, activation_checkpointing=True,
+                            checkpoint_every=2)),
 ]
 
 

@@ -30,6 +30,9 @@ def run(cfg: PlanRunConfig) -> Optional[int]:
         optimizer=p.optimizer,
         seq_len=p.seq_len,
         attention=p.attention,
+        loss=p.loss,
+        checkpoint_every=p.checkpoint_every,
+        offload_activations=p.offload_activations,
     )
     space = SearchSpace(
         instances=[p.instance] if p.instance else list(catalog.instances),
@@ -65,7 +68,7 @@ def run(cfg: PlanRunConfig) -> Optional[int]:
     if p.output_dir:
         out = Path(p.output_dir)
         for path in (
-            write_plan_files(result, out, p.precision, p.peft),
+            write_plan_files(result, out, base),
             write_chart(result, out / "memory.png", p.top),
         ):
             if path is not None:

@@ -5,6 +5,7 @@ This is the one place that wires the layers together; each step below is a call 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional, cast
@@ -40,6 +41,8 @@ def run(cfg: RunConfig) -> int:
     if cfg.dry_run.world_size:  # simulate the cluster job in this process (fake tensors, fake process group)
         return dry_run.run(cfg)
     # The watchdog (train.hang_timeout_s) names a stuck rank; collectives must not time out before it does.
+    # A rank killed by a fatal signal (SIGSEGV, SIGABRT from native code) prints every Python thread's stack first.
+    faulthandler.enable()
     world = dist.init(cfg.device, cfg.strategy.backend, min_timeout_s=cfg.train.hang_timeout_s + 120)
     dist.install_preemption_handlers()
     try:

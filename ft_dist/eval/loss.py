@@ -34,10 +34,9 @@ def evaluate_loss(
         start = (b if real else 0) * batch_size
         rows = dataset[start : start + batch_size]
         batch = to_device(collate(examples_from_rows(rows), pad_id), world.device)
-        with strategy.autocast():
-            out = model(**batch, use_cache=False, num_items_in_batch=1)  # reduction: sum over tokens
+        summed = strategy.loss(batch, 1)  # n_items=1: the sum over the batch's tokens
         if real:
-            loss_sum += float(out.loss)
+            loss_sum += float(summed)
             tokens += float((batch["labels"] != -100).sum())
     loss_sum, tokens = dist.all_reduce_sum([loss_sum, tokens])
     if was_training:

@@ -9,7 +9,11 @@ sbh(34 + 5as/h) counts the same thing for Megatron's GPT; HF's blocks differ:
   of their input per call, and autocast caches a 16-bit copy of every fp32 weight until backward (2 B/param).
   LoRA: frozen norm weights keep no normalised copy; PEFT adds r-sized A outputs.
 Eager attention adds the softmax (nh x s per token, fp32, plus a 16-bit copy in 16-bit modes).
-The loss: logits (compute dtype), log-softmax output and two fp32 gradients of V per token.
+The loss: the fp32 log-softmax and two fp32 gradients of V per token (see loss_bytes); chunked cross-entropy
+(ft_dist/loss.py) holds that for one chunk of tokens at a time, in forward and in its recompute in backward.
+Selective checkpointing (every k-th block) keeps the full activations of the blocks it skips. Activation offload
+keeps one block's activations in flight on the GPU and the rest in host memory (modelled, not yet measured on a GPU:
+bench/memory_features.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
+from ft_dist.config import CHUNKED_LOSS_ARCHS
 from ft_dist.planner.params import Architecture
 from ft_dist.planner.workload import TrainingSetup
 
@@ -57,6 +62,8 @@ class ActivationPhases:
     """Logits and loss buffers at the start of backward."""
     backward_end: float
     """While the first block runs backward: its activations (recomputed under checkpointing)."""
+    offloaded: float = 0.0
+    """Host bytes of the activations offloaded (train.offload_activations)."""
 
 
 def _mode(setup: TrainingSetup) -> str:
@@ -71,6 +78,23 @@ def _mode(setup: TrainingSetup) -> str:
 
 def _family(arch: Architecture) -> str:
     return "llama" if arch.family == "llama" else "gpt_neox"  # GPT-2's block is laid out like GPT-NeoX's
+
+
+def chunked_loss(arch: Architecture, setup: TrainingSetup) -> bool:
+    """Whether the run computes chunked cross-entropy (train.loss=auto picks it where it is exact)."""
+    return setup.loss == "chunked" or (setup.loss == "auto" and arch.model_type in CHUNKED_LOSS_ARCHS)
+
+
+def loss_bytes(arch: Architecture, setup: TrainingSetup) -> float:
+    """Peak bytes of the loss: per token in flight, the fp32 log-softmax, its gradient and the gradient of the
+    logits (12 B x vocab; the compute-dtype logits are gone by then, as ft_dist/loss.py keeps only the loss).
+    Chunked: one chunk in flight, and from the second chunk on the head's weight gradient of the chunk is a new
+    tensor before it is added to the accumulated one (when the head trains)."""
+    tokens = setup.tokens_per_micro_batch
+    if not chunked_loss(arch, setup) or setup.loss_chunk_tokens >= tokens:
+        return tokens * arch.vocab * 12.0
+    head_grad = arch.vocab * arch.hidden * 4 if setup.peft == "none" else 0
+    return setup.loss_chunk_tokens * arch.vocab * 12.0 + head_grad
 
 
 def block_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
@@ -110,8 +134,10 @@ def activation_phases(arch: Architecture, setup: TrainingSetup) -> ActivationPha
     rotary = 2 * arch.head_dim * t * (4 if mode != "pure" else 2) if arch.family != "gpt2" else 0
     residual_bytes = 4 if (mode == "fp32" or (mode == "mixed" and not lora)) else 2
     if setup.activation_checkpointing:
-        # Only each block's input survives forward; backward recomputes one block at a time.
-        saved = arch.layers * (residual_bytes * arch.hidden * t + cache)
+        # A checkpointed block keeps only its input through forward; backward recomputes one block at a time.
+        # Selective: blocks 0, k, 2k, ... recompute, the others keep everything.
+        recomputed = -(-arch.layers // setup.checkpoint_every)
+        saved = recomputed * (residual_bytes * arch.hidden * t + cache) + (arch.layers - recomputed) * (block + cache)
         backward_end = block + cache + residual_bytes * arch.hidden * t
     else:
         saved = arch.layers * (block + cache)
@@ -119,10 +145,14 @@ def activation_phases(arch: Architecture, setup: TrainingSetup) -> ActivationPha
     # Backward of a block also holds the incoming gradient and the MLP's intermediate gradients.
     backward_end += t * (2 * arch.intermediate + 2 * arch.hidden) * setup.compute_bytes
     saved += final_norm + rotary
-    logits = t * arch.vocab * (12 + setup.compute_bytes)
+    offloaded = 0.0
+    if setup.offload_activations:
+        offloaded = saved
+        saved = block + cache  # the block computing now; the rest of what forward saved waits on the host
+    logits = loss_bytes(arch, setup)
     if setup.attention == "eager":
         saved += setup.micro_batch * setup.seq_len**2 * setup.compute_bytes  # the 4-D causal mask
-    return ActivationPhases(saved=saved, logits=logits, backward_end=backward_end)
+    return ActivationPhases(saved=saved, logits=logits, backward_end=backward_end, offloaded=offloaded)
 
 
 def coefficients(arch: Architecture, setup: TrainingSetup) -> Tuple[float, float]:

@@ -107,8 +107,10 @@ def _optimizer_state_bytes(setup: TrainingSetup, weight_bytes: int) -> float:
     """Bytes of optimizer state per trainable parameter (torch keeps states in the parameter's dtype)."""
     if setup.optimizer == "adamw":
         return 2 * weight_bytes
-    if setup.optimizer == "adamw_8bit":
+    if setup.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
         return 2 * (1 + 4 / 2048)  # bitsandbytes: two uint8 moments + an fp32 absmax per 2048-element block
+    if setup.optimizer == "paged_adamw":
+        return 8  # bitsandbytes keeps fp32 moments; paged memory counts while resident (the worst case)
     return weight_bytes  # SGD momentum buffer
 
 
@@ -217,7 +219,7 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup, overhead: GpuOverh
         logits=int(logits),
         comm_buffers=int(comm),
         overhead=int(extra),
-        host_ram=int(states.host_ram),
+        host_ram=int(states.host_ram + phases.offloaded * setup.gpus_per_node),
         peak_phase=name,
     )
 

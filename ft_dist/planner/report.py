@@ -9,6 +9,7 @@ from ft_dist.cluster.command_line import Rendezvous, shell_line, training_comman
 from ft_dist.planner.api import Plan
 from ft_dist.planner.memory import GIB, MemoryBreakdown
 from ft_dist.planner.recommend import Candidate
+from ft_dist.planner.workload import TrainingSetup
 
 _COMPONENTS = ("params", "grads", "optimizer", "activations", "logits", "comm_buffers", "overhead")
 
@@ -65,17 +66,32 @@ def candidates_text(plan: Plan, top: int) -> str:
     return "\n".join(lines)
 
 
-def train_overrides(plan: Plan, c: Candidate, precision: str, peft: str) -> List[str]:
-    """Hydra overrides of ft-train for a candidate (strategy group names of the distributed issue)."""
-    train_precision = "bf16" if precision == "pure_bf16" else precision
+def train_overrides(plan: Plan, c: Candidate, base: TrainingSetup) -> List[str]:
+    """Hydra overrides of ft-train for a candidate: every setting the plan's memory figure depends on."""
+    train_precision = "bf16" if base.precision == "pure_bf16" else base.precision
+    peft = (
+        []
+        if base.peft == "none"
+        else [
+            f"peft={base.peft}",
+            f"peft.r={base.lora_rank}",
+            f"peft.target_modules=[{','.join(base.lora_targets)}]",
+        ]
+    )
     return [
         f"model={plan.model}",
         f"strategy={c.strategy}",
-        f"peft={'none' if peft == 'none' else 'lora'}",
+        *(peft or ["peft=none"]),
         f"train.micro_batch_size={c.micro_batch}",
         f"train.grad_accum={c.grad_accum}",
         f"train.precision={train_precision}",
+        f"train.optimizer={base.optimizer}",
+        f"train.loss={base.loss}",
+        f"train.offload_activations={'true' if base.offload_activations else 'false'}",
+        f"data.max_seq_len={base.seq_len}",
+        f"model.attn_implementation={base.attention}",
         f"model.gradient_checkpointing={'true' if c.activation_checkpointing else 'false'}",
+        f"model.checkpoint_every={base.checkpoint_every}",
     ]
 
 
@@ -87,14 +103,14 @@ def launch_command(c: Candidate, overrides: List[str]) -> str:
     )
 
 
-def write_plan_files(plan: Plan, out_dir: Path, precision: str, peft: str) -> Optional[Path]:
+def write_plan_files(plan: Plan, out_dir: Path, base: TrainingSetup) -> Optional[Path]:
     """plan.yaml (the overrides, one per line) and launch.sh (the torchrun command) for the cheapest fit."""
     best = plan.best
     if best is None:
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
-    overrides = train_overrides(plan, best, precision, peft)
-    note = "# pure bf16 is planned; ft-train's nearest setting is bf16 mixed\n" if precision == "pure_bf16" else ""
+    overrides = train_overrides(plan, best, base)
+    note = "# pure bf16 is planned; ft-train's nearest setting is bf16 mixed\n" if base.precision == "pure_bf16" else ""
     (out_dir / "plan.yaml").write_text(
         f"# ft-plan: {best.instance} x{best.nodes}, {best.hours:.1f} h, ${best.cost_usd:,.0f}\n{note}"
         "overrides:\n" + "".join(f"  - {o}\n" for o in overrides)

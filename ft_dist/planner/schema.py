@@ -29,8 +29,14 @@ class PlanConfig:
     lora_targets: List[str] = field(default_factory=lambda: ["all-linear"])
     precision: str = setting("bf16", choices=("fp32", "fp16", "bf16", "pure_bf16"))
     """fp32 | fp16 | bf16 (mixed, fp32 master weights) | pure_bf16."""
-    optimizer: str = setting("adamw", choices=("adamw", "adamw_8bit", "sgd"))
-    """adamw | adamw_8bit | sgd."""
+    optimizer: str = setting("adamw", choices=("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "sgd"))
+    """adamw | adamw_8bit | paged_adamw_8bit | paged_adamw (bitsandbytes; single and DDP) | sgd."""
+    loss: str = setting("auto", choices=("auto", "chunked", "full"))
+    """train.loss: auto (chunked where exact) | chunked | full."""
+    checkpoint_every: int = setting(1, positive=True)
+    """With activation checkpointing: only every k-th block recomputes (model.checkpoint_every)."""
+    offload_activations: bool = False
+    """train.offload_activations: saved activations in host memory."""
     seq_len: int = setting(2048, positive=True)
     micro_batch: Optional[int] = setting(None, positive=True)
     """null: search 1..32."""

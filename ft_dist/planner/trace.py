@@ -17,7 +17,9 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping
 
+from ft_dist.activations import checkpoint_blocks, offload_activations
 from ft_dist.errors import ConfigError
+from ft_dist.loss import CausalLMLoss
 from ft_dist.planner.params import hf_config, with_layers
 from ft_dist.planner.workload import TrainingSetup
 
@@ -63,9 +65,11 @@ def _check_traceable(setup: TrainingSetup) -> None:
         raise ConfigError(
             "plan.peft", "trace mode cannot run QLoRA (bitsandbytes 4-bit kernels need a GPU); use plan.trace=false"
         )
-    if setup.optimizer == "adamw_8bit":
+    if setup.optimizer not in ("adamw", "sgd"):
         raise ConfigError(
-            "plan.optimizer", "trace mode cannot run 8-bit Adam (bitsandbytes needs a GPU); use plan.trace=false"
+            "plan.optimizer",
+            f"trace mode runs under fake tensors, which bitsandbytes' {setup.optimizer} kernels cannot; "
+            "use plan.trace=false",
         )
 
 
@@ -99,7 +103,7 @@ def build_model(arch: Mapping[str, Any], setup: TrainingSetup) -> Any:
             ),
         )
     if setup.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_blocks(model, setup.checkpoint_every)
     model.train()
     return model
 
@@ -147,6 +151,8 @@ def measure_step(arch: Mapping[str, Any], setup: TrainingSetup, fake: bool = Tru
         optimizer = _optimizer(model, setup)
         vocab = model.config.vocab_size
         ids = torch.randint(0, vocab, (setup.micro_batch, setup.seq_len))
+        loss = CausalLMLoss(model, setup.loss, setup.loss_chunk_tokens)
+        batch = {"input_ids": ids, "labels": ids}
         tracker = MemTracker()
         _skip_frozen(tracker, model)
         tracker.track_external(model, optimizer, ids)
@@ -155,10 +161,10 @@ def measure_step(arch: Mapping[str, Any], setup: TrainingSetup, fake: bool = Tru
                 optimizer.zero_grad(set_to_none=True)
                 for _ in range(setup.grad_accum):
                     tracker.reset_mod_stats()  # per-module stats are per call; the global peak is kept
-                    with autocast:
-                        out = model(input_ids=ids, labels=ids, use_cache=False)
-                    out.loss.backward()
-                    del out
+                    with autocast, offload_activations(setup.offload_activations):
+                        step_loss = loss(model, batch, 1.0)
+                    step_loss.backward()
+                    del step_loss
                 optimizer.step()
         peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
     parts: Dict[str, int] = {"params": 0, "grads": 0, "optimizer": 0, "activations": 0}

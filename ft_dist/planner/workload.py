@@ -7,7 +7,8 @@ from typing import Tuple
 
 PRECISIONS = ("fp32", "fp16", "bf16", "pure_bf16")
 """fp16 / bf16: mixed precision (fp32 master weights); pure_bf16: weights, grads and optimizer states in bf16."""
-OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "sgd")
+LOSSES = ("auto", "chunked", "full")
 STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 PEFT_METHODS = ("none", "lora", "qlora")
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
@@ -31,6 +32,13 @@ class TrainingSetup:
     seq_len: int = 2048
     grad_accum: int = 1
     activation_checkpointing: bool = False
+    checkpoint_every: int = 1
+    """With activation_checkpointing: only every k-th block recomputes (selective checkpointing)."""
+    offload_activations: bool = False
+    """Saved activations wait in host memory (train.offload_activations)."""
+    loss: str = "auto"
+    """auto | chunked | full (train.loss): chunked never holds more than `loss_chunk_tokens` tokens of logits."""
+    loss_chunk_tokens: int = 1024
     attention: str = "sdpa"
     device: str = "cuda"
     """cuda: add the GPU-only terms (CUDA context, allocator, NCCL); cpu: tensor bytes only (checks vs MemTracker)."""

@@ -17,9 +17,11 @@ from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Opti
 import torch
 from torch import nn
 
+from ft_dist.activations import offload_activations
 from ft_dist.config import StrategyConfig, TrainConfig
 from ft_dist.dist import World
 from ft_dist.errors import ConfigError
+from ft_dist.loss import CausalLMLoss
 from ft_dist.models import ModelSpec, model_tensors
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -52,6 +54,7 @@ class Strategy(ABC):
         self.scaler: torch.amp.GradScaler  # set by the torch-native strategies' setup (clip_and_step uses it)
         self.fake_mode: Optional[Any] = None
         """A dry run's FakeTensorMode: storage is created under it, and no weights are read or initialised."""
+        self._loss: Optional[CausalLMLoss] = None
 
     can_skip_steps = True
     """Whether a step with a non-finite loss/gradient can be dropped and training go on (see skip_step)."""
@@ -76,6 +79,14 @@ class Strategy(ABC):
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.world.device.type, dtype=_DTYPES[self.precision])
+
+    def loss(self, batch: Dict[str, torch.Tensor], n_items: float) -> torch.Tensor:
+        """The response-token cross-entropy of `batch` summed and divided by `n_items`, under autocast
+        (`train.loss`: chunked from the hidden states, or transformers' loss over full logits)."""
+        if self._loss is None:
+            self._loss = CausalLMLoss(self.unwrapped(), self.train.loss, self.train.loss_chunk_tokens)
+        with self.autocast(), offload_activations(self.train.offload_activations and torch.is_grad_enabled()):
+            return self._loss(self.model, batch, n_items)
 
     @abstractmethod
     def backward(self, loss: torch.Tensor, sync: bool) -> None:

@@ -1,0 +1,149 @@
+"""Chunked cross-entropy (ft_dist/loss.py) against transformers' own loss: the same loss and gradients, less memory."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import pytest
+import torch
+from torch import nn
+
+from ft_dist.data.batching import collate
+from ft_dist.errors import ConfigError
+from ft_dist.loss import CausalLMLoss
+
+ARCH = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
+            max_position_embeddings=128)
+
+
+def tiny(model_type: str, **arch) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = {"num_key_value_heads": 2} if model_type != "gpt_neox" else {}
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**ARCH, **extra, **arch}))
+
+
+def examples(lengths: List[int], vocab: int, seed: int = 0) -> List[Dict[str, List[int]]]:
+    """Prompt + response examples; the loss falls on the response only (the prompt's labels are -100)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        prompt = n // 3
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def packed(exs: List[Dict[str, List[int]]]) -> Dict[str, List[int]]:
+    """One packed row of `exs`: positions restart per example, as ft_dist/data/packing.py writes them."""
+    return {"input_ids": sum((e["input_ids"] for e in exs), []), "labels": sum((e["labels"] for e in exs), []),
+            "position_ids": sum((list(range(len(e["input_ids"]))) for e in exs), [])}
+
+
+def batch_for(layout: str, vocab: int) -> Dict[str, torch.Tensor]:
+    exs = examples([23, 14, 9, 31], vocab)
+    if layout == "padded":
+        return collate(exs, pad_id=0)
+    return collate([packed(exs[:3]), packed(exs[3:])], pad_id=0)
+
+
+def loss_and_grads(model: nn.Module, loss: CausalLMLoss, batch: Dict[str, torch.Tensor], n: float):
+    model.zero_grad(set_to_none=True)
+    value = loss(model, batch, n)
+    value.backward()
+    return value.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt_neox", "mistral", "qwen2"])
+def test_chunked_loss_and_gradients_equal_full(model_type, layout):
+    model = tiny(model_type)
+    batch = batch_for(layout, ARCH["vocab_size"])
+    n = float((batch["labels"][:, 1:] != -100).sum()) + 3  # any normaliser: the global batch's token count
+    full_loss, full_grads = loss_and_grads(model, CausalLMLoss(model, "full", 1024), batch, n)
+    chunked = CausalLMLoss(model, "auto", chunk_tokens=7)  # 7: chunks split examples and rows unevenly
+    assert chunked.kind == "chunked"
+    loss, grads = loss_and_grads(model, chunked, batch, n)
+    assert abs(float(loss) - float(full_loss)) <= 1e-6, (float(loss), float(full_loss))
+    for name, g in full_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=0, atol=1e-6, msg=name)
+    # Outside a loss computation the head is the ordinary one: generation and eval see full logits.
+    assert model(input_ids=batch["input_ids"]).logits.shape == (*batch["input_ids"].shape, ARCH["vocab_size"])
+
+
+def test_chunked_loss_refuses_where_it_would_not_be_exact():
+    from peft import LoraConfig, get_peft_model
+
+    gpt2 = tiny("gpt2", n_embd=32, n_layer=1, n_head=4)
+    assert CausalLMLoss(gpt2, "auto", 64).kind == "full"
+    with pytest.raises(ConfigError, match="train.loss.*gpt2"):
+        CausalLMLoss(gpt2, "chunked", 64)
+    adapted_head = get_peft_model(tiny("llama"), LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
+    assert CausalLMLoss(adapted_head, "auto", 64).kind == "full"
+    with pytest.raises(ConfigError, match="LM head"):
+        CausalLMLoss(adapted_head, "chunked", 64)
+
+
+def peak_bytes(model: nn.Module, loss: CausalLMLoss, batch: Dict[str, torch.Tensor]) -> int:
+    """Peak tensor bytes on the CPU during one loss forward and backward (torch's MemTracker, real tensors)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    model.zero_grad(set_to_none=True)
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        loss(model, batch, 1.0).backward()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
+@pytest.mark.parametrize("vocab", [50_304, 128_256])
+def test_chunked_loss_lowers_the_peak_of_loss_and_backward(vocab):
+    model = tiny("llama", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    exs = examples([512] * 4, vocab)
+    batch = collate(exs, pad_id=0)  # 2048 tokens: fp32 logits alone are 2048 x vocab x 4 bytes
+    full = peak_bytes(model, CausalLMLoss(model, "full", 256), batch)
+    chunked = peak_bytes(model, CausalLMLoss(model, "chunked", 256), batch)
+    logits = 2048 * vocab * 4
+    print(f"vocab {vocab}: peak full {full / 2**20:.0f} MiB, chunked {chunked / 2**20:.0f} MiB "
+          f"({chunked / full:.2f}x); one fp32 logits tensor {logits / 2**20:.0f} MiB")
+    # Full keeps the logits, their fp32 log-softmax and their gradient: at least 2 logits tensors at once.
+    assert full >= 2 * logits
+    # Chunked holds one 256-token chunk (8x smaller than the logits) a few times over, on top of weights and grads.
+    weights_and_grads = 2 * sum(p.numel() * 4 for p in model.parameters())
+    assert chunked - weights_and_grads <= 0.6 * logits, (chunked, weights_and_grads, logits)
+
+
+def test_selective_checkpointing_and_activation_offload_leave_loss_and_gradients_unchanged():
+    from ft_dist.activations import checkpoint_blocks, offload_activations
+
+    batch = batch_for("padded", ARCH["vocab_size"])
+    n = float((batch["labels"][:, 1:] != -100).sum())
+    baseline = tiny("llama", num_hidden_layers=4)
+    baseline.train()
+    want = loss_and_grads(baseline, CausalLMLoss(baseline, "full", 1024), batch, n)
+    for every in (1, 2):
+        model = tiny("llama", num_hidden_layers=4)
+        assert checkpoint_blocks(model, every) == 4 // every
+        model.train()
+        assert [b.gradient_checkpointing for b in model.model.layers] == [i % every == 0 for i in range(4)]
+        got = loss_and_grads(model, CausalLMLoss(model, "full", 1024), batch, n)
+        assert torch.equal(got[0], want[0]) and all(torch.equal(got[1][k], g) for k, g in want[1].items())
+    # Offload: on this CPU-only machine the hooks are pointed at the CPU itself, so every saved activation really
+    # takes the copy-out / copy-back path; what it saves on a GPU is measured by bench/memory_features.py.
+    import ft_dist.activations as activations
+
+    model = tiny("llama", num_hidden_layers=4)
+    model.train()
+    loss = CausalLMLoss(model, "full", 1024)
+    activations.MIN_BYTES, saved_min = 1024, activations.MIN_BYTES
+    try:
+        with offload_activations(True, device_type="cpu") as hooks:
+            value = loss(model, batch, n)
+    finally:
+        activations.MIN_BYTES = saved_min
+    value.backward()
+    assert hooks.moved > 10
+    assert torch.equal(value.detach(), want[0])
+    for k, g in want[1].items():
+        assert torch.equal(dict(model.named_parameters())[k].grad, g), k
