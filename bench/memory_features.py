@@ -5,15 +5,18 @@
                                                        # only moves anything here)
 
 Every row is one real step (forward, backward, optimizer step, then a second one so optimizer states exist) of the
-same Llama-shaped model, built by the planner's tracer, with ft-train's own loss, checkpointing, offload and
-optimizers. Printed: measured peak, its ratio to the baseline row, the planner's predicted peak and ratio.
+same Llama-shaped model, built by the planner's tracer (QLoRA: loaded 4-bit by ft-train's own loader), with
+ft-train's own loss, checkpointing, offload and optimizers. Printed: measured peak, its ratio to the baseline row,
+the planner's predicted peak and ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
@@ -23,12 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ft_dist.activations import offload_activations  # noqa: E402
-from ft_dist.config import TrainConfig  # noqa: E402
+from ft_dist.config import ModelConfig, PeftConfig, TrainConfig  # noqa: E402
 from ft_dist.loss import CausalLMLoss  # noqa: E402
+from ft_dist.models import apply_peft, load_quantized  # noqa: E402
 from ft_dist.optim import build_optimizer  # noqa: E402
 from ft_dist.planner.memory import estimate_memory  # noqa: E402
-from ft_dist.planner.params import architecture  # noqa: E402
-from ft_dist.planner.trace import build_model  # noqa: E402
+from ft_dist.planner.params import architecture, hf_config  # noqa: E402
+from ft_dist.planner.trace import build_model, skip_frozen  # noqa: E402
 from ft_dist.planner.workload import TrainingSetup  # noqa: E402
 
 ARCH = dict(model_type="llama", vocab_size=32_000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
@@ -42,14 +46,30 @@ FEATURES: List[Tuple[str, Dict[str, Any]]] = [
     ("activation offload", dict(offload_activations=True)),
     ("adamw_8bit", dict(optimizer="adamw_8bit")),
     ("paged_adamw_8bit", dict(optimizer="paged_adamw_8bit")),
+    ("LoRA r=16 (fp32 base)", dict(peft="lora")),
+    ("QLoRA r=16 (NF4 base)", dict(peft="qlora")),
     ("all of them", dict(loss="chunked", loss_chunk_tokens=256, activation_checkpointing=True, checkpoint_every=2,
                          offload_activations=True, optimizer="adamw_8bit")),
 ]
 
 
-def peak_bytes(setup: TrainingSetup, device: torch.device) -> int:
+def _model(setup: TrainingSetup, device: torch.device, saved: Path) -> Any:
+    """The planner tracer's model; QLoRA's the way ft-train loads it (4-bit from a saved model, then LoRA)."""
+    if setup.peft != "qlora":
+        return build_model(ARCH, setup).to(device)
+    if not (saved / "config.json").exists():
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_config(hf_config(ARCH)).save_pretrained(saved)
+    peft = PeftConfig(method="qlora", r=setup.lora_rank, alpha=2 * setup.lora_rank, dropout=0.0,
+                      target_modules=list(setup.lora_targets))
+    base = load_quantized(str(saved), peft, torch.float32, torch.float32, device, ModelConfig(name="bench"), {})
+    return apply_peft(base, peft)
+
+
+def peak_bytes(setup: TrainingSetup, device: torch.device, saved: Path) -> int:
     torch.manual_seed(0)
-    model = build_model(ARCH, setup).to(device)
+    model = _model(setup, device, saved)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad],
                                 replace(TrainConfig(), optimizer=setup.optimizer, lr=1e-4))
     loss = CausalLMLoss(model, setup.loss, setup.loss_chunk_tokens)
@@ -77,6 +97,7 @@ def _measure(step: Callable[[], None], model: Any, optimizer: Any, device: torch
     from torch.distributed._tools.mem_tracker import MemTracker
 
     tracker = MemTracker()
+    skip_frozen(tracker, model)
     tracker.track_external(model, optimizer)
     with tracker:
         step()
@@ -97,6 +118,7 @@ def main() -> None:
         rows = [rows[0]] + [r for r in rows[1:] if any(o in r[0] for o in args.only)]
     print(f"{'feature':<28}{'measured':>12}{'x base':>9}{'planned':>12}{'x base':>9}{'planned/measured':>18}")
     base_measured = base_planned = 0.0
+    saved = Path(tempfile.mkdtemp(prefix="ft-dist-bench-"))  # the QLoRA row's pretrained model
     for name, setup in rows:
         if setup.offload_activations and device.type != "cuda":
             if setup == rows[-1][1]:  # "all of them": the others still apply
@@ -104,7 +126,7 @@ def main() -> None:
             else:
                 print(f"{name:<28}  (a CPU-only run has no other memory to offload to: run with --device cuda)")
                 continue
-        measured = peak_bytes(setup, device)
+        measured = peak_bytes(setup, device, saved)
         planned = estimate_memory(arch, setup.but(device="cpu")).total  # tensor bytes, as measured
         if not base_measured:
             base_measured, base_planned = measured, planned
@@ -112,6 +134,7 @@ def main() -> None:
               f"{planned / base_planned:>9.2f}{planned / measured:>18.2f}")
         with contextlib.suppress(Exception):
             torch.cuda.empty_cache()
+    shutil.rmtree(saved, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -53,12 +53,13 @@ def save_final_model(
     target: Path,
     write: bool = True,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    dense: Any = None,
 ) -> Optional[Path]:
     """Stream the model into an HF dir (sharded safetensors in the training dtype + tokenizer + ft_config.yaml).
 
     `units` yields the full tensors one unit (block) at a time, see Strategy.gathered_units; every rank iterates
     it, only `write` (rank 0) writes. A LoRA model saves its adapter under `adapter/`, and the merged model in
-    `target` itself when merge_on_save(cfg).
+    `target` itself when merge_on_save(cfg). `dense` (QLoRA: models.dequantized) makes each stored tensor dense.
     """
 
     return write_hf_model(
@@ -71,6 +72,7 @@ def save_final_model(
         max_shard_bytes,
         {"ft_config.yaml": config_yaml(cfg)},
         write=write,
+        dense=dense,
     )
 
 

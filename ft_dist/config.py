@@ -27,7 +27,8 @@ Precision = Literal["fp32", "bf16", "fp16"]
 StrategyName = Literal["single", "ddp", "fsdp", "deepspeed"]
 Backend = Literal["auto", "nccl", "gloo"]
 Offload = Literal["none", "cpu", "nvme"]
-PeftMethod = Literal["none", "lora"]
+PeftMethod = Literal["none", "lora", "qlora"]
+QuantType = Literal["nf4", "fp4"]
 LoggerName = Literal["none", "wandb"]
 LoggerMode = Literal["auto", "online", "offline"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -147,10 +148,10 @@ class StrategyConfig:
 
 @dataclass
 class PeftConfig:
-    """Parameter-efficient finetuning (PEFT's LoRA). method=none trains every weight."""
+    """Parameter-efficient finetuning (PEFT's LoRA; QLoRA over a bitsandbytes 4-bit base). none trains every weight."""
 
     method: str = setting("none", choices=PeftMethod)
-    """none | lora."""
+    """none | lora | qlora (LoRA over a frozen 4-bit base; single, DDP and FSDP2)."""
     r: int = setting(16, positive=True)
     alpha: int = setting(32, positive=True)
     dropout: float = 0.05
@@ -158,7 +159,11 @@ class PeftConfig:
     seed: int = 1234
     """Seed for the adapters' initialisation."""
     merge_on_save: bool = True
-    """Also write a merged full model beside the adapter."""
+    """Also write a merged full model beside the adapter (QLoRA: over the dequantized base)."""
+    quant_type: str = setting("nf4", choices=QuantType)
+    """qlora: the 4-bit data type (nf4: QLoRA's normal float)."""
+    double_quant: bool = True
+    """qlora: quantize the quantization constants too (about 0.37 bits per parameter saved)."""
 
 
 @dataclass
@@ -245,6 +250,8 @@ def validate(cfg: RunConfig) -> None:
         )
     validate_data(cfg.data)
     sc = cfg.strategy
+    if cfg.peft.method == "qlora":
+        validate_qlora(cfg)
     if "nvme" in (sc.offload_optimizer, sc.offload_params):
         # Swapped-out optimizer states are not in memory, where sharded checkpoints (and their resume) read them.
         raise ConfigError(
@@ -277,6 +284,28 @@ def validate(cfg: RunConfig) -> None:
     dr = getattr(cfg, "dry_run", None)
     if dr is not None and dr.world_size:
         validate_dry_run(cfg)
+
+
+def validate_qlora(cfg: RunConfig) -> None:
+    """QLoRA quantizes pretrained weights as they load, under the strategies that can hold 4-bit weights."""
+    if cfg.model.from_config or cfg.model.name_or_path is None:
+        raise ConfigError(
+            "peft.method",
+            "qlora quantizes pretrained weights as they load; set model.name_or_path to a saved model (and "
+            "model.from_config=false), or use peft=lora for a model built from config",
+        )
+    sc = cfg.strategy
+    if sc.name == "deepspeed" and "cpu" in (sc.offload_optimizer, sc.offload_params):
+        raise ConfigError(
+            "strategy", "qlora's 4-bit base and its small adapters stay on the GPU; use strategy=zero3 or zero2"
+        )
+    if sc.name == "fsdp" and sc.cpu_offload:
+        raise ConfigError("strategy.cpu_offload", "qlora's 4-bit base stays on the GPU; use strategy.cpu_offload=false")
+    dr = getattr(cfg, "dry_run", None)
+    if dr is not None and dr.world_size:
+        raise ConfigError(
+            "dry_run.world_size", "a dry run cannot simulate qlora (bitsandbytes' 4-bit kernels need real tensors)"
+        )
 
 
 def validate_launched(cfg: RunConfig) -> None:

@@ -16,7 +16,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, cast
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, cast
 
 import torch
 from torch import nn
@@ -161,6 +161,7 @@ def write_hf_model(
     max_shard_bytes: int,
     extra_files: Mapping[str, str],
     write: bool = True,
+    dense: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
 ) -> Optional[Path]:
     """Stream `units` (full tensors keyed by training-model name, one unit at a time) into an HF model dir.
 
@@ -168,6 +169,7 @@ def write_hf_model(
     layers, and costs no memory. Every rank consumes `units` (gathering is collective); only `write=True` (rank 0)
     writes. A LoRA model writes its adapter to adapter/ and, with `merge_lora`, the merged model to `target`.
     The directory is assembled in a temp dir and renamed into place, so a crash leaves no half-written model.
+    `dense` turns a stored tensor into its dense value first (QLoRA: dequantizes a 4-bit weight), one at a time.
     """
     is_peft = hasattr(twin, "peft_config")
     merger = _LoraMerger(twin) if is_peft else None
@@ -184,6 +186,8 @@ def write_hf_model(
             for name, tensor in unit.items():
                 if is_adapter_name(name) or writer is None:
                     continue
+                if dense is not None:
+                    tensor = dense(name, tensor)
                 value = (
                     merger.merged(name, tensor)
                     if merger is not None and name.endswith(".base_layer.weight")

@@ -11,7 +11,7 @@ import hashlib
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -95,6 +95,8 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     meta: bool = False,
     init: bool = True,
+    quantize: Optional[Tuple[PeftConfig, torch.dtype]] = None,
+    device: Optional[torch.device] = None,
 ) -> nn.Module:
     """A causal LM: from a saved dir `path`, from pretrained `name_or_path`, or random init from `arch`.
 
@@ -102,6 +104,8 @@ def build_model(
     `meta=True` builds the structure only (no memory, no weights read): sharding strategies fill it in per shard.
     `init=False` builds real tensors but neither reads nor initialises them: DeepSpeed partitions them and then
     streams the pretrained weights into each rank's own partition (`weights_dir` says from where).
+    `quantize` (a qlora PeftConfig and the compute dtype) loads the pretrained linear weights of the blocks as 4-bit on `device`
+    (load_quantized); with `meta` it is ignored: the structure is the same.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -109,7 +113,11 @@ def build_model(
     pretrained = path is not None or not (model_cfg.from_config or model_cfg.name_or_path is None)
     if pretrained and path is not None and (Path(path) / "adapter_config.json").exists():
         return _load_adapter_model(model_cfg, tokenizer, path, dtype)
-    if pretrained and not meta and init:
+    if pretrained and not meta and quantize is not None:
+        source = path or model_cfg.name_or_path
+        assert source is not None  # pretrained: `path` or `model.name_or_path` is set
+        model = load_quantized(source, *quantize, dtype, device or torch.device("cpu"), model_cfg, common)
+    elif pretrained and not meta and init:
         source = path or model_cfg.name_or_path
         assert source is not None  # pretrained: `path` or `model.name_or_path` is set
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common)
@@ -143,6 +151,71 @@ def build_model(
     return model
 
 
+def load_quantized(
+    source: str,
+    peft_cfg: PeftConfig,
+    compute: torch.dtype,
+    dtype: torch.dtype,
+    device: torch.device,
+    model_cfg: ModelConfig,
+    common: Dict[str, Any],
+) -> Any:
+    """QLoRA's base: transformers + bitsandbytes quantize each linear weight of the blocks as it is read, tensor by
+    tensor, straight onto `device`, so no full-precision copy of the model ever exists.
+
+    The 4-bit blocks are stored in bf16-typed storage: FSDP2 shards and gathers float tensors (uint8 storage would
+    be cast as if it were numbers). PEFT's prepare_model_for_kbit_training then freezes the base and upcasts the
+    remaining small weights (norms, embeddings, head) to fp32 for stable training.
+    """
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=peft_cfg.quant_type,
+        bnb_4bit_use_double_quant=peft_cfg.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, quantization_config=quant, device_map={"": device}, **common
+    )
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=model_cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    if device.type == "cpu":
+        import bitsandbytes as bnb
+
+        for m in model.modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                # On CPUs with AVX512-BF16, bitsandbytes repacks a layer's weight and quantization state in place on
+                # its first no-grad forward; under FSDP2 only the gathered copy is repacked, and every later forward
+                # (and the dequantized export) is silently wrong. The plain layout is correct everywhere.
+                m.support_avx512bf16_for_cpu = False
+    model.train()  # from_pretrained returns eval mode
+    return model
+
+
+def dequantized(model: nn.Module) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """For the final save: `(name, tensor) -> dense tensor`, dequantizing the 4-bit weights of `model`'s
+    bitsandbytes layers one tensor at a time (identity for everything else)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    layers = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+    def dense(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        layer = layers.get(name)
+        if layer is None:
+            return tensor
+        state = getattr(tensor, "quant_state", None) or layer.quant_state  # FSDP2's gathered copy has lost it
+        return bnbf.dequantize_4bit(tensor.data, state)
+
+    return dense
+
+
 def _load_adapter_model(model_cfg: ModelConfig, tokenizer: Any, path: str, dtype: torch.dtype) -> nn.Module:
     from peft import PeftModel
 
@@ -156,7 +229,7 @@ def apply_peft(model: nn.Module, peft_cfg: PeftConfig) -> nn.Module:
     Each adapter is initialised from a seed derived from `peft.seed` and its module name (see seed_adapters), so
     it is identical however the base was built: plain, on meta and filled shard by shard, or under zero.Init.
     """
-    if peft_cfg.method == "none":
+    if peft_cfg.method == "none":  # qlora: LoRA itself, over the 4-bit base that build_model loaded
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -253,6 +326,8 @@ class ModelSpec:
     seed: int
     path: Optional[str] = None
     """A saved model dir to load instead of `model.name_or_path` (ft-eval)."""
+    compute_dtype: torch.dtype = torch.float32
+    """QLoRA: the dtype each 4-bit weight is dequantized to for its matmul (train.precision's)."""
 
     @property
     def weights_dir(self) -> Optional[Path]:
@@ -264,10 +339,31 @@ class ModelSpec:
             return None
         return resolve_weights_dir(mc.name_or_path)
 
-    def build(self, meta: bool = False, init: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
-        """The (PEFT-wrapped) model; random init is seeded so every rank and every run draws the same weights."""
+    @property
+    def quantized(self) -> bool:
+        return self.peft_cfg is not None and self.peft_cfg.method == "qlora"
+
+    def build(
+        self,
+        meta: bool = False,
+        init: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device] = None,
+    ) -> nn.Module:
+        """The (PEFT-wrapped) model; random init is seeded so every rank and every run draws the same weights.
+        QLoRA loads its base quantized onto `device` (other models are built on the CPU and moved by the caller)."""
         torch.manual_seed(self.seed)
-        model = build_model(self.model_cfg, self.tokenizer, path=self.path, meta=meta, init=init, dtype=dtype)
+        quantize = (self.peft_cfg, self.compute_dtype) if self.quantized and self.peft_cfg is not None else None
+        model = build_model(
+            self.model_cfg,
+            self.tokenizer,
+            path=self.path,
+            meta=meta,
+            init=init,
+            dtype=dtype,
+            quantize=quantize,
+            device=device,
+        )
         return apply_peft(model, self.peft_cfg) if self.peft_cfg is not None else model
 
 
@@ -328,7 +424,10 @@ def model_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def count_parameters(model: nn.Module) -> Dict[str, int]:
     def numel(p: nn.Parameter) -> int:
-        return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 keeps only a partition locally
+        n = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 keeps only a partition locally
+        if type(p).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte of its storage
+            return n * p.element_size() * 2
+        return n
 
     total = sum(numel(p) for p in model.parameters())
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)

@@ -64,6 +64,10 @@ def test_impossible_values_name_the_key(override, key):
     (["train.optimizer=adamw_8bit", "strategy=fsdp"], "train.optimizer", "use train.optimizer=adamw"),
     (["train.optimizer=paged_adamw", "strategy=zero3_offload"], "train.optimizer", "strategy=ddp or single"),
     (["train.loss=chunked", "+model.arch.n_embd=32", "model.arch.model_type=gpt2"], "train.loss", "train.loss=auto"),
+    (["peft=qlora"], "peft.method", "peft=lora"),  # the tiny default is built from config: nothing to quantize
+    (["peft=qlora", "model=pythia-70m", "strategy=zero3_offload"], "strategy", "strategy=zero3"),
+    (["peft=qlora", "model=pythia-70m", "strategy=fsdp", "strategy.cpu_offload=true"], "strategy.cpu_offload",
+     "cpu_offload=false"),
 ])
 def test_unsupported_memory_saver_combinations_name_the_key_and_the_alternative(overrides, key, alternative):
     with pytest.raises(ConfigError) as info:

@@ -147,3 +147,61 @@ def test_selective_checkpointing_and_activation_offload_leave_loss_and_gradients
     assert torch.equal(value.detach(), want[0])
     for k, g in want[1].items():
         assert torch.equal(dict(model.named_parameters())[k].grad, g), k
+
+
+_LOAD_PEAK = r"""
+import sys, threading, time, torch
+from pathlib import Path
+from ft_dist.config import ModelConfig, PeftConfig
+from ft_dist.models import load_quantized
+
+def anon():  # anonymous resident memory: what a copy of the weights would need (mapped checkpoint pages are not)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) * 1024
+
+load = lambda path: load_quantized(path, PeftConfig(method="qlora"), torch.float32, torch.float32,
+                                   torch.device("cpu"), ModelConfig(name="x"), {})
+load(sys.argv[2])  # a tiny model first: the imports and kernels a first load pulls in are not the weights
+before, peak, done = anon(), [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon()); time.sleep(0.002)
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
+model = load(sys.argv[1])
+done.set()
+sampler.join()
+print(peak[0] - before, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
+"""
+
+
+def test_qlora_base_loads_quantized_without_a_full_precision_copy(tmp_path):
+    """The 4-bit base is quantized tensor by tensor as transformers reads it: the load's peak is the 4-bit model
+    plus one weight in full precision, never a full-precision copy of the model."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import REPO
+
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=1024, intermediate_size=2752, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
+    big, warm = tmp_path / "big", tmp_path / "warm"
+    LlamaForCausalLM(cfg).save_pretrained(big, max_shard_size="100MB")  # 4+ safetensors shards, 0.4 GB fp32
+    assert len(list(big.glob("*.safetensors"))) >= 4
+    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=4)).save_pretrained(warm)
+    # A fixed mmap threshold makes glibc return every freed tensor to the OS, so RssAnon tracks live tensors (with
+    # its default, rising threshold, freed tensors stay in the heap and the peak measures fragmentation).
+    proc = subprocess.run([sys.executable, "-c", _LOAD_PEAK, str(big), str(warm)], capture_output=True, text=True,
+                          cwd=REPO, timeout=300, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak, kept = map(int, proc.stdout.split()[-2:])  # RssAnon's peak growth; the loaded model's tensor bytes
+    fp32, largest = 4 * n_params, 4 * cfg.hidden_size * cfg.intermediate_size  # the largest weight, in fp32
+    print(f"{n_params / 1e6:.0f}M parameters (fp32 {fp32 / 2**20:.0f} MiB, largest weight {largest / 2**20:.0f} MiB): "
+          f"the 4-bit model keeps {kept / 2**20:.0f} MiB; the load peaked {peak / 2**20:.0f} MiB above the start")
+    assert kept < 0.2 * fp32  # 4-bit blocks: 0.5 B of 4 per parameter, plus their constants and the fp32 rest
+    assert peak < kept + 2 * largest  # one weight in full precision at a time (and its quantization scratch)

@@ -200,3 +200,18 @@ def test_planned_deepspeed_buckets_are_the_ones_ft_dist_configures(strategy):
     assert zero["reduce_bucket_size"] == planned["reduce"] and zero["allgather_bucket_size"] == planned["allgather"]
     if strategy == "zero3":  # on GPUs; on CPU ft-dist turns prefetching off
         assert zero["stage3_prefetch_bucket_size"] == int(planned["prefetch"])
+
+
+def test_plan_yaml_is_the_run_it_planned_memory_savers_included(tmp_path):
+    from conftest import compose
+
+    out = _cli("model=llama-2-7b", "plan.tokens=1e7", "plan.instance=p4de.24xlarge", "plan.peft=qlora",
+               "plan.lora_rank=8", "plan.optimizer=paged_adamw_8bit", "plan.loss=chunked", "plan.seq_len=1024",
+               "plan.activation_checkpointing=true", "plan.checkpoint_every=2", "plan.offload_activations=true",
+               f"plan.output_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    overrides = yaml.safe_load((tmp_path / "plan.yaml").read_text())["overrides"]
+    cfg = compose(overrides)  # ft-train accepts it: validated like a command line
+    assert (cfg.peft.method, cfg.peft.r, cfg.train.optimizer, cfg.train.loss) == ("qlora", 8, "paged_adamw_8bit", "chunked")
+    assert (cfg.model.gradient_checkpointing, cfg.model.checkpoint_every, cfg.train.offload_activations) == (True, 2, True)
+    assert cfg.data.max_seq_len == 1024 and cfg.strategy.name in ("single", "ddp")  # bitsandbytes' optimizers

@@ -19,8 +19,9 @@ from ft_dist.data.prepare import PreparedData, prepare_dataset
 from ft_dist.eval.compare import before_after_table
 from ft_dist.eval.generation import task_metrics
 from ft_dist.eval.schema import EvalConfig
+from ft_dist.hf_weights import SAVE_DTYPES
 from ft_dist.loop import LoopResult, train_loop
-from ft_dist.models import ModelSpec, count_parameters, load_tokenizer
+from ft_dist.models import ModelSpec, count_parameters, dequantized, load_tokenizer
 from ft_dist.optim import build_optimizer
 from ft_dist.phase_memory import PhaseMemory, format_phase_table
 from ft_dist.runtime import resolve_output_dir, seed_everything
@@ -70,7 +71,9 @@ def _train(cfg: RunConfig, world: dist.World) -> int:
 
     strategy = build_strategy(cfg.strategy, cfg.train, world)
     memory = PhaseMemory(world.device)
-    spec = ModelSpec(cfg.model, cfg.peft, tokenizer, seed=cfg.train.seed)
+    spec = ModelSpec(
+        cfg.model, cfg.peft, tokenizer, seed=cfg.train.seed, compute_dtype=SAVE_DTYPES[cfg.train.precision]
+    )
     seed_everything(cfg.train.seed)  # same random init on every rank and in every run
     with memory.phase("build"):
         strategy.setup(spec, lambda params: build_optimizer(params, cfg.train))
@@ -186,6 +189,7 @@ def _finish(
             final,
             write=world.is_main,
             max_shard_bytes=int(cfg.train.max_shard_gb * 2**30),
+            dense=dequantized(strategy.unwrapped()) if spec.quantized else None,
         )
     records = memory.gather()
     report["memory"] = {"per_rank": records}

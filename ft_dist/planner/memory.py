@@ -99,7 +99,8 @@ def _frozen_weight_bytes(arch: Architecture, setup: TrainingSetup) -> float:
     frozen = arch.total_params if setup.peft != "none" else 0
     if setup.peft == "qlora":
         quantized = arch.linear_params_in_blocks
-        return quantized * NF4_BYTES_PER_PARAM + (frozen - quantized) * 2
+        # PEFT's prepare_model_for_kbit_training upcasts the rest (embeddings, norms, head) to fp32.
+        return quantized * NF4_BYTES_PER_PARAM + (frozen - quantized) * 4
     return frozen * (4 if setup.precision == "fp32" else 2)
 
 
@@ -210,6 +211,23 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup, overhead: GpuOverh
     name, grads, acts, logits, temp = max(candidates, key=lambda c: c[1] + c[2] + c[3] + c[4])
     comm = comm_buffer_bytes(arch, setup) if setup.device == "cuda" else 0.0
     tensors = states.params + grads + states.optimizer + temp + acts + logits + comm
+    if setup.peft == "qlora" and setup.zero_stage == 3 and setup.world_size > 1:
+        # QLoRA under FSDP2 / ZeRO-3: every rank loads the whole 4-bit base (transformers quantizes it as it reads
+        # it, never under zero.Init) before it is sharded; that load can be the run's peak.
+        loaded = _frozen_weight_bytes(arch, setup) + trainable_params(arch, setup) * 4
+        if loaded > tensors:
+            extra = overhead.cuda_context_bytes + overhead.fragmentation * loaded if setup.device == "cuda" else 0.0
+            return MemoryBreakdown(
+                params=int(loaded),
+                grads=0,
+                optimizer=0,
+                activations=0,
+                logits=0,
+                comm_buffers=0,
+                overhead=int(extra),
+                host_ram=int(states.host_ram),
+                peak_phase="load (the whole 4-bit base on every rank, before sharding)",
+            )
     extra = overhead.cuda_context_bytes + overhead.fragmentation * tensors if setup.device == "cuda" else 0.0
     return MemoryBreakdown(
         params=int(states.params),

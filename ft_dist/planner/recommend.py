@@ -14,7 +14,7 @@ from ft_dist.planner.catalog import Catalog, Instance
 from ft_dist.planner.memory import GIB, GpuOverhead, MemoryBreakdown, estimate_memory
 from ft_dist.planner.params import Architecture
 from ft_dist.planner.throughput import step_time
-from ft_dist.planner.workload import STRATEGIES, TrainingSetup
+from ft_dist.planner.workload import BNB_OPTIMIZERS, STRATEGIES, TrainingSetup
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 NODE_COUNTS = (1, 2, 4, 8)
@@ -86,10 +86,11 @@ def _structural_reason(base: TrainingSetup, inst: Instance, strategy: str, world
         return f"{inst.gpu} has no {base.precision} support"
     if strategy == "single" and world > 1:
         return "single needs one GPU"
-    if strategy.endswith("_offload") and base.optimizer == "adamw_8bit":
-        return "offload runs DeepSpeed's CPU Adam, not 8-bit Adam"
-    if base.peft == "qlora" and strategy.startswith("zero3"):
-        return "QLoRA's 4-bit weights cannot be ZeRO-3 partitioned"
+    # The combinations ft-train refuses (ft_dist/config.py), so a plan never picks a run that cannot start.
+    if base.optimizer in BNB_OPTIMIZERS and strategy not in ("single", "ddp"):
+        return f"{base.optimizer} (bitsandbytes) runs under single or ddp only"
+    if base.peft == "qlora" and strategy.endswith("_offload"):
+        return "QLoRA keeps its 4-bit base and adapters on the GPU (no offload)"
     return ""
 
 

@@ -122,7 +122,7 @@ class _NoHook:
         pass
 
 
-def _skip_frozen(tracker: Any, model: Any) -> None:
+def skip_frozen(tracker: Any, model: Any) -> None:
     """MemTracker registers a grad hook on every parameter and fails on frozen ones (LoRA's base weights).
 
     Marking the frozen parameters as already hooked makes it skip them; they are still counted as parameters.
@@ -154,7 +154,7 @@ def measure_step(arch: Mapping[str, Any], setup: TrainingSetup, fake: bool = Tru
         loss = CausalLMLoss(model, setup.loss, setup.loss_chunk_tokens)
         batch = {"input_ids": ids, "labels": ids}
         tracker = MemTracker()
-        _skip_frozen(tracker, model)
+        skip_frozen(tracker, model)
         tracker.track_external(model, optimizer, ids)
         with tracker:
             for _ in range(steps):

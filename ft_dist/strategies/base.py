@@ -143,14 +143,33 @@ class Strategy(ABC):
         """
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        options = self._state_options()
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
+        if options is not None:  # QLoRA: bitsandbytes adds its quantization constants as extra entries; drop them too
+            trained = {n for n, p in self.unwrapped().named_parameters() if p.requires_grad}
+            model_sd = {k: v for k, v in model_sd.items() if k in trained}
         return {"model": model_sd, "optim": optim_sd}
 
     def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
         """Apply a state loaded in place into the structure `checkpoint_state()` returned."""
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=self._state_options(),
+        )
+
+    def _state_options(self) -> Any:
+        """QLoRA checkpoints hold the adapters and optimizer only: the frozen 4-bit base is the pretrained model,
+        quantized the same way again at every start (and torch's state-dict API has no layout for its blocks'
+        quantization constants)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        quantized = getattr(self.unwrapped(), "is_loaded_in_4bit", False)
+        return StateDictOptions(ignore_frozen_params=True, strict=False) if quantized else None
 
     def close(self) -> None:  # noqa: B027  (optional: most strategies hold nothing to release)
         """Release engine resources; the process group itself is closed by ft_dist.dist.close()."""

@@ -18,7 +18,7 @@ from ft_dist.strategies.base import OptimizerFactory, Strategy
 
 class DDP(Strategy):
     def setup(self, spec: ModelSpec, build_optimizer: Optional[OptimizerFactory]) -> None:
-        self.module = spec.build().to(self.world.device)
+        self.module = spec.build(device=self.world.device).to(self.world.device)
         dev = self.world.device
         # Bucket views: gradients live in the all-reduce buckets instead of a second copy.
         self.model = DistributedDataParallel(

@@ -108,9 +108,12 @@ class DeepSpeedZero(Strategy):
         hidden = int(getattr(spec.build(meta=True).config, "hidden_size", 0) or 0)
         self.ds_config = deepspeed_config(sc, self.train, self.world.size, on_gpu, hidden)
         self.stage3 = sc.zero_stage == 3
-        weights_dir = spec.weights_dir if self.fake_mode is None else None
+        # QLoRA: transformers quantizes the base as it loads it (never under zero.Init, which it skips for quantized
+        # models), so every rank holds the 4-bit model until deepspeed.initialize partitions it (ZeRO-3).
+        weights_dir = spec.weights_dir if self.fake_mode is None and not spec.quantized else None
+        self.quantized = spec.quantized
         # While this object lives, transformers builds models under zero.Init (partitioned at creation).
-        hf_ds = HfDeepSpeedConfig(self.ds_config) if self.stage3 else None
+        hf_ds = HfDeepSpeedConfig(self.ds_config) if self.stage3 and not spec.quantized else None
         with self.fake_mode or contextlib.nullcontext():  # a dry run partitions fake tensors
             self._build_engine(spec, build_optimizer, init=weights_dir is None)
         del hf_ds  # later model builds (twins on meta) must not be partitioned
@@ -118,8 +121,9 @@ class DeepSpeedZero(Strategy):
             all_params = list(self.engine.module.parameters())
             local = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in all_params) / 2**20
             full = sum(p.ds_numel * p.ds_tensor.element_size() for p in all_params) / 2**20
+            when = "by deepspeed.initialize (4-bit base)" if spec.quantized else "at creation"
             dist.log(
-                f"zero3: parameters partitioned at creation: this rank holds {local:.1f} MB of {full:.1f} MB of "
+                f"zero3: parameters partitioned {when}: this rank holds {local:.1f} MB of {full:.1f} MB of "
                 f"parameters; peak RSS grew {self._build_growth_mb:.1f} MB while building"
             )
         self._names = {id(p): n for n, p in self.engine.module.named_parameters()}
@@ -137,7 +141,7 @@ class DeepSpeedZero(Strategy):
         import deepspeed
 
         rss_before = current_rss_mb()
-        model = spec.build(init=init, dtype=_DTYPES[self.precision])
+        model = spec.build(init=init, dtype=_DTYPES[self.precision], device=self.world.device)
         self._build_growth_mb = peak_rss_mb() - rss_before
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = None
@@ -286,6 +290,8 @@ class DeepSpeedZero(Strategy):
         names = []
         steps = float(self._optimizer_steps())
         for name, p in module.named_parameters():
+            if self.quantized and not p.requires_grad:
+                continue  # QLoRA: the frozen 4-bit base is the pretrained model, quantized again at every start
             model_sd[name] = self._weight_target(p)
             if self._trainable(p):
                 state[name] = {

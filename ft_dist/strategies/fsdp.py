@@ -67,7 +67,9 @@ class FSDP2(Strategy):
             )
         dev = self.world.device
         mesh = dist.device_mesh(dev.type)
-        model = spec.build(meta=True)
+        # QLoRA: every rank loads the 4-bit base (quantized tensor by tensor as it is read, 0.5 B/param), then
+        # keeps 1/N of it once sharded. Everything else: built on meta, and only this rank's shards get storage.
+        model = spec.build(device=dev) if spec.quantized else spec.build(meta=True)
         # The root is the HF model itself, also under PEFT: generate() calls it directly (not through the
         # PeftModel), and the root's hooks are what gather the embeddings and the head.
         # get_base_model: PEFT method, which nn.Module.__getattr__ types as Tensor | Module
@@ -85,12 +87,13 @@ class FSDP2(Strategy):
         for unit in shard_units(self.root):
             fully_shard(unit, **kwargs)
         fully_shard(self.root, **kwargs)
-        with self.fake_mode or contextlib.nullcontext():  # sharding happened on meta; storage may be fake
-            model.to_empty(device="cpu" if self.cfg.cpu_offload else dev)
         self.model = model
-        if self.fake_mode is None:
-            self._fill_weights(spec)
-            recompute_non_persistent_buffers(model)
+        if not spec.quantized:
+            with self.fake_mode or contextlib.nullcontext():  # sharding happened on meta; storage may be fake
+                model.to_empty(device="cpu" if self.cfg.cpu_offload else dev)
+            if self.fake_mode is None:
+                self._fill_weights(spec)
+                recompute_non_persistent_buffers(model)
         if build_optimizer is not None:
             self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad])
         self.scaler = torch.amp.GradScaler(dev.type, enabled=False)

@@ -12,7 +12,7 @@ from ft_dist.strategies.base import OptimizerFactory, Strategy
 
 class SingleDevice(Strategy):
     def setup(self, spec: ModelSpec, build_optimizer: Optional[OptimizerFactory]) -> None:
-        self.model = spec.build().to(self.world.device)
+        self.model = spec.build(device=self.world.device).to(self.world.device)
         if build_optimizer is not None:
             self.optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad])
         # fp16 needs loss scaling so small gradients do not flush to zero; bf16 and fp32 do not.
