@@ -26,7 +26,15 @@ from ft_dist.config import ModelConfig, PeftConfig, RunConfig, TrainConfig
 from ft_dist.data.schema import DataConfig
 from ft_dist.errors import ConfigError
 from ft_dist.hf_weights import SAVE_DTYPES, write_hf_model
-from ft_dist.models import apply_peft, block_prefixes, build_model, load_tokenizer, model_tensors
+from ft_dist.models import (
+    apply_peft,
+    block_prefixes,
+    build_model,
+    dequantized,
+    is_adapter_name,
+    load_tokenizer,
+    model_tensors,
+)
 from ft_dist.settings import identity
 from ft_dist.tracking import scrub_secrets
 
@@ -243,8 +251,11 @@ def export_checkpoint(
     `AutoModelForCausalLM.from_pretrained` loads. One process; it holds one block and one shard at a time."""
     tokenizer = load_tokenizer(run_cfg.model)
     twin = apply_peft(build_model(run_cfg.model, tokenizer, meta=True), run_cfg.peft)
+    units, dense = checkpoint_units(checkpoint, twin), None
+    if run_cfg.peft.method == "qlora":
+        units, dense = _qlora_units(run_cfg, checkpoint, tokenizer)
     out = write_hf_model(
-        checkpoint_units(checkpoint, twin),
+        units,
         twin,
         tokenizer,
         Path(target),
@@ -252,9 +263,23 @@ def export_checkpoint(
         merge_lora,
         max_shard_bytes,
         {"ft_config.yaml": config_yaml(run_cfg)},
+        dense=dense,
     )
     assert out is not None
     return out
+
+
+def _qlora_units(run_cfg: RunConfig, checkpoint: Path, tokenizer: Any) -> Tuple[Any, Any]:
+    """A QLoRA checkpoint holds the adapters only: the base they were trained on is the pretrained model quantized
+    again the same way (4-bit, Q bytes in this process), dequantized one weight at a time as it is written."""
+    import torch.distributed.checkpoint as dcp
+
+    compute = SAVE_DTYPES[run_cfg.train.precision]
+    base = build_model(run_cfg.model, tokenizer, quantize=(run_cfg.peft, compute), device=torch.device("cpu"))
+    model = apply_peft(base, run_cfg.peft)
+    adapters = {n: p.detach() for n, p in model.named_parameters() if is_adapter_name(n)}
+    dcp.load({"model": adapters}, checkpoint_id=str(Path(checkpoint) / "state"))  # in place, into the adapters
+    return iter([model_tensors(model)]), dequantized(model)
 
 
 def config_fingerprint(cfg: RunConfig) -> Dict[str, Any]:

@@ -22,6 +22,8 @@ from ft_dist.settings import check_fields, setting
 Attention = Literal["sdpa", "eager", "flash_attention_2"]
 Optimizer = Literal["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw"]
 LossKind = Literal["auto", "chunked", "full"]
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw")
+"""train.optimizer values that bitsandbytes implements (ft_dist/optim.py)."""
 Scheduler = Literal["cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
 StrategyName = Literal["single", "ddp", "fsdp", "deepspeed"]
@@ -271,7 +273,7 @@ def validate(cfg: RunConfig) -> None:
         )
     if sc.offload_params != "none" and sc.zero_stage != 3:
         raise ConfigError("strategy.offload_params", "parameter offload needs ZeRO stage 3 (strategy=zero3_offload)")
-    if cfg.train.optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw") and sc.name in ("fsdp", "deepspeed"):
+    if cfg.train.optimizer in BNB_OPTIMIZERS and sc.name in ("fsdp", "deepspeed"):
         # bitsandbytes' update kernels have no DTensor sharding rule, and ZeRO hands the optimizer flat partitions
         # whose block-quantized states the name-keyed checkpoint fragments cannot be cut from.
         where = "FSDP2's DTensor shards" if sc.name == "fsdp" else "ZeRO's flat partitions"
@@ -341,6 +343,12 @@ def validate_dry_run(cfg: RunConfig) -> None:
         )
     if dr.steps < 1:
         raise ConfigError("dry_run.steps", f"expected >= 1, got {dr.steps}")
+    if cfg.train.optimizer in BNB_OPTIMIZERS:
+        raise ConfigError(
+            "train.optimizer",
+            f"a dry run cannot step {cfg.train.optimizer} (bitsandbytes' kernels need real tensors); dry-run with "
+            "train.optimizer=adamw, and read 8-bit states off ft-plan",
+        )
     if not (sc.name == "fsdp" or (sc.name == "deepspeed" and sc.zero_stage == 3)):
         raise ConfigError(
             "strategy",

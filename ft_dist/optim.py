@@ -9,7 +9,7 @@ import torch
 
 from ft_dist.config import TrainConfig
 
-BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw": "PagedAdamW"}
+BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw": "PagedAdamW"}
 """train.optimizer -> its bitsandbytes class: 8-bit block-quantized Adam states (2 bytes a parameter instead of 8)
 and/or paged states that the GPU driver evicts to host memory under pressure."""
 
@@ -22,10 +22,10 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: TrainConfig
     adam: Dict[str, Any] = dict(
         lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=tc.weight_decay
     )
-    if tc.optimizer in BNB_OPTIMIZERS:
+    if tc.optimizer in BNB_CLASSES:
         import bitsandbytes as bnb
 
-        return getattr(bnb.optim, BNB_OPTIMIZERS[tc.optimizer])(params, **adam)
+        return getattr(bnb.optim, BNB_CLASSES[tc.optimizer])(params, **adam)
     if any(p.device.type == "cuda" for p in params):
         return torch.optim.AdamW(params, **adam, fused=True)  # one kernel for all parameters
     # CPU: one tensor at a time (foreach=False) keeps every update's arithmetic the same however the parameters are

@@ -147,6 +147,13 @@ def test_qlora_trains_resumes_bitwise_and_exports_a_dense_model(model_dir, cache
     # missing adapter delta is off by far more (the adapter alone moves the logits by the amount checked last).
     assert (got - want).abs().max() < 1e-4
     assert (want - base_logits).abs().max() > 1e-3
+    # ft-export of the last checkpoint (adapters only) re-quantizes the base and writes the same dense model.
+    from omegaconf import OmegaConf
+
+    from ft_dist.checkpoint import export_checkpoint
+
+    export_checkpoint(OmegaConf.load(single_run / "config.yaml"), step_dir(single_run, STEPS), tmp_path / "export")
+    assert_same_weights(tmp_path / "export", single_run / "final", exact=True, sub=".")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])

@@ -22,6 +22,8 @@ def test_every_group_option_composes(group):
         overrides = [f"{group}={option.stem}"]
         if group == "data" and "???" in option.read_text():
             overrides.append(f"data.path={REPO / 'ft_dist/assets/demo_extraction.jsonl'}")
+        if option.stem == "qlora":  # it quantizes pretrained weights: not the tiny default built from config
+            overrides.append("model=pythia-70m")
         cfg = compose(overrides)
         assert cfg[group] is not None
 

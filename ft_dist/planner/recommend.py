@@ -10,11 +10,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, cast
 
+from ft_dist.config import BNB_OPTIMIZERS
 from ft_dist.planner.catalog import Catalog, Instance
 from ft_dist.planner.memory import GIB, GpuOverhead, MemoryBreakdown, estimate_memory
 from ft_dist.planner.params import Architecture
 from ft_dist.planner.throughput import step_time
-from ft_dist.planner.workload import BNB_OPTIMIZERS, STRATEGIES, TrainingSetup
+from ft_dist.planner.workload import STRATEGIES, TrainingSetup
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 NODE_COUNTS = (1, 2, 4, 8)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Tuple
 
+from ft_dist.config import BNB_OPTIMIZERS
+
 PRECISIONS = ("fp32", "fp16", "bf16", "pure_bf16")
 """fp16 / bf16: mixed precision (fp32 master weights); pure_bf16: weights, grads and optimizer states in bf16."""
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "sgd")
+OPTIMIZERS = ("adamw", *BNB_OPTIMIZERS, "sgd")
 LOSSES = ("auto", "chunked", "full")
-BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw")
 STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 PEFT_METHODS = ("none", "lora", "qlora")
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
