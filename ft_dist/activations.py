@@ -4,9 +4,11 @@ Checkpointing is transformers' own (its checkpointing layers, non-reentrant torc
 checkpointing turns it off again on all but every k-th block.
 
 Offload: the tensors autograd saves for backward wait in pinned host memory instead of GPU memory.
-torch's saved-tensor hooks do the moving; torchtune's OffloadActivations showed which tensors are worth it. Only
-activations move: parameters (FSDP2's unsharded ones included) are saved by reference and would be copied for
-nothing, and small tensors cost more in transfer latency than they free. The copies are synchronous; a stream
+torch's saved-tensor hooks do the moving; torchtune's OffloadActivations showed which tensors are worth it.
+Parameters (FSDP2's unsharded ones included) are saved by reference and are never copied, and small tensors cost
+more in transfer latency than they free. Under autocast (single, DDP) the 16-bit copies of the weights that autocast
+makes and saves for backward move too: 2 B per parameter each way per micro-batch, and that much pinned host memory
+(the planner counts it); FSDP2's bf16 policy and DeepSpeed's bf16 compute on 16-bit weights and save none. The copies are synchronous; a stream
 that overlaps them with compute is the next step if PCIe time shows in the step time.
 """
 

@@ -38,7 +38,8 @@ Device = Literal["auto", "cpu", "cuda"]
 
 CHUNKED_LOSS_ARCHS = frozenset({"llama", "mistral", "qwen2", "gpt_neox"})
 """Architectures whose CausalLM forward is `logits = lm_head(hidden)` followed by the standard shifted
-cross-entropy (no logit scaling or soft-capping), so `train.loss=chunked` is exact; checked in tests/test_loss.py."""
+cross-entropy (no logit scaling or soft-capping), so `train.loss=chunked` is exact; checked in
+tests/test_memory_features.py."""
 
 
 @dataclass
@@ -153,7 +154,7 @@ class PeftConfig:
     """Parameter-efficient finetuning (PEFT's LoRA; QLoRA over a bitsandbytes 4-bit base). none trains every weight."""
 
     method: str = setting("none", choices=PeftMethod)
-    """none | lora | qlora (LoRA over a frozen 4-bit base; single, DDP and FSDP2)."""
+    """none | lora | qlora (LoRA over a frozen 4-bit base; single, DDP, FSDP2, ZeRO-2/3 without offload)."""
     r: int = setting(16, positive=True)
     alpha: int = setting(32, positive=True)
     dropout: float = 0.05
@@ -244,6 +245,8 @@ def validate(cfg: RunConfig) -> None:
     if cfg.model.tokenizer is None and cfg.model.name_or_path is None:
         raise ConfigError("model.tokenizer", "expected a tokenizer path or id when the model has no name_or_path")
     model_type = cfg.model.arch.get("model_type") if cfg.model.arch else None
+    if cfg.train.loss == "chunked" and not cfg.model.from_config and cfg.model.name_or_path:
+        model_type = _local_model_type(cfg.model.name_or_path) or model_type
     if cfg.train.loss == "chunked" and model_type is not None and model_type not in CHUNKED_LOSS_ARCHS:
         raise ConfigError(
             "train.loss",
@@ -286,6 +289,18 @@ def validate(cfg: RunConfig) -> None:
     dr = getattr(cfg, "dry_run", None)
     if dr is not None and dr.world_size:
         validate_dry_run(cfg)
+
+
+def _local_model_type(name_or_path: str) -> Optional[str]:
+    """The model_type in a local model dir's config.json (None for a hub id: nothing is fetched to validate)."""
+    import json
+
+    config = os.path.join(os.path.expanduser(name_or_path), "config.json")
+    try:
+        with open(config) as fh:
+            return json.load(fh).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def validate_qlora(cfg: RunConfig) -> None:

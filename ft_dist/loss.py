@@ -11,7 +11,8 @@ Two implementations of the same number (`train.loss`):
 `chunked` works by taking over the forward of the model's output-embedding module (the LM head) while a loss is
 computed: the head's module hooks still run around it, so FSDP2 and ZeRO-3 gather its weight as they would for the
 full logits. Generation and everything else see the ordinary head. It is exact only where the model hands the head's
-output straight to the loss; `auto` picks it for the architectures known to do so (CHUNKED_LOSS_ARCHS) and `full` for
+output straight to the loss (in fp32; under 16-bit compute the head's weight gradient is a sum of per-chunk
+16-bit terms, so it differs from `full` by 16-bit rounding, as micro-batch accumulation does); `auto` picks it for the architectures known to do so (CHUNKED_LOSS_ARCHS) and `full` for
 the rest.
 """
 
@@ -43,8 +44,10 @@ def chunked_loss_supported(model: nn.Module) -> Optional[str]:
     if model_type not in CHUNKED_LOSS_ARCHS:
         return f"model_type {model_type!r} is not one of {sorted(CHUNKED_LOSS_ARCHS)}"
     head = output_head(model)
-    if type(head) is not nn.Linear:  # e.g. a LoRA-wrapped head: its forward is PEFT's, not a plain projection
-        return f"its LM head is a {type(head).__name__}, not a plain nn.Linear"
+    # A plain projection: nn.Linear's own forward. FSDP2's FSDPLinear subclass keeps it; a LoRA-wrapped head (PEFT's
+    # forward) or a quantized one (bitsandbytes' forward) does not.
+    if not (isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward):
+        return f"its LM head is a {type(head).__name__}, not a plain linear projection"
     return None
 
 

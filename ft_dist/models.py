@@ -423,11 +423,16 @@ def model_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def count_parameters(model: nn.Module) -> Dict[str, int]:
+    # A 4-bit weight's storage packs several values per element (and is a DTensor shard under FSDP2): count the
+    # layer's own shape instead.
+    four_bit: Dict[int, int] = {
+        id(m.weight): int(m.in_features) * int(m.out_features)  # type: ignore[arg-type]  # nn.Linear fields
+        for m in model.modules()
+        if type(m).__name__ == "Linear4bit"
+    }
+
     def numel(p: nn.Parameter) -> int:
-        n = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 keeps only a partition locally
-        if type(p).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte of its storage
-            return n * p.element_size() * 2
-        return n
+        return int(four_bit.get(id(p)) or getattr(p, "ds_numel", None) or p.numel())  # ZeRO-3: a partition locally
 
     total = sum(numel(p) for p in model.parameters())
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)

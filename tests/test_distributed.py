@@ -66,6 +66,8 @@ def test_strategy_matches_single_process(strategy, model_dir, cache_dir, referen
                            "train.grad_accum=2"), script=digesting)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "global batch 8 = micro 2 x accum 2 x world 2" in proc.stdout
+    # The default loss is chunked under every strategy (FSDP2 wraps the untied head as its own FSDPLinear unit).
+    assert "loss: chunked cross-entropy" in proc.stdout
     assert_matches(tmp_path, reference["full"])
 
 

@@ -80,7 +80,8 @@ def _train(cfg: RunConfig, world: dist.World) -> int:
     counts = count_parameters(strategy.unwrapped())
     dist.log(
         f"model: {cfg.model.name}, {counts['total']:,} parameters, {counts['trainable']:,} trainable "
-        f"({cfg.peft.method}), strategy {cfg.strategy.name}, precision {cfg.train.precision}, device {world.device}"
+        f"({cfg.peft.method}), strategy {cfg.strategy.name}, precision {cfg.train.precision}, device {world.device}, "
+        f"loss: {strategy.prepare_loss()}"
     )
 
     container = scrub_secrets(OmegaConf.to_container(cfg, resolve=True))

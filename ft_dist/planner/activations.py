@@ -148,7 +148,7 @@ def activation_phases(arch: Architecture, setup: TrainingSetup) -> ActivationPha
     offloaded = 0.0
     if setup.offload_activations:
         offloaded = saved
-        saved = block + cache  # the block computing now; the rest of what forward saved waits on the host
+        saved = block  # the block computing now; the rest (autocast's weight copies included) waits on the host
     logits = loss_bytes(arch, setup)
     if setup.attention == "eager":
         saved += setup.micro_batch * setup.seq_len**2 * setup.compute_bytes  # the 4-D causal mask

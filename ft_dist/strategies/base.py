@@ -80,13 +80,18 @@ class Strategy(ABC):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.world.device.type, dtype=_DTYPES[self.precision])
 
+    def prepare_loss(self) -> CausalLMLoss:
+        """The run's loss on the set-up model (train.loss=chunked on a head it is not exact for fails here)."""
+        if self._loss is None:
+            self._loss = CausalLMLoss(self.unwrapped(), self.train.loss, self.train.loss_chunk_tokens)
+        return self._loss
+
     def loss(self, batch: Dict[str, torch.Tensor], n_items: float) -> torch.Tensor:
         """The response-token cross-entropy of `batch` summed and divided by `n_items`, under autocast
         (`train.loss`: chunked from the hidden states, or transformers' loss over full logits)."""
-        if self._loss is None:
-            self._loss = CausalLMLoss(self.unwrapped(), self.train.loss, self.train.loss_chunk_tokens)
+        loss = self.prepare_loss()
         with self.autocast(), offload_activations(self.train.offload_activations and torch.is_grad_enabled()):
-            return self._loss(self.model, batch, n_items)
+            return loss(self.model, batch, n_items)
 
     @abstractmethod
     def backward(self, loss: torch.Tensor, sync: bool) -> None:

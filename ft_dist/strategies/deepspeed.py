@@ -323,10 +323,12 @@ class DeepSpeedZero(Strategy):
         missing = [p for p in flat if "exp_avg" not in inner.state.get(p, {})]
         if not missing:
             return
+        # torch's fused AdamW (GPU) keeps `step` on the parameter's device; the others on the CPU.
+        on_device = bool(inner.defaults.get("fused"))
         for p in missing:  # keep whatever DeepSpeed already put there (e.g. swap bookkeeping)
             inner.state[p] = {
                 **inner.state.get(p, {}),
-                "step": torch.tensor(0.0),
+                "step": torch.tensor(0.0, device=p.device if on_device else "cpu"),
                 "exp_avg": torch.zeros_like(p),
                 "exp_avg_sq": torch.zeros_like(p),
             }
@@ -351,4 +353,4 @@ class DeepSpeedZero(Strategy):
             group["lr"] = state["optim"]["param_groups"][0]["lr"]
         for s in inner.state.values():
             if "step" in s:
-                s["step"] = torch.tensor(step) if torch.is_tensor(s["step"]) else step
+                s["step"] = torch.tensor(step, device=s["step"].device) if torch.is_tensor(s["step"]) else step
