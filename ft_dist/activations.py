@@ -8,8 +8,9 @@ torch's saved-tensor hooks do the moving; torchtune's OffloadActivations showed 
 Parameters (FSDP2's unsharded ones included) are saved by reference and are never copied, and small tensors cost
 more in transfer latency than they free. Under autocast (single, DDP) the 16-bit copies of the weights that autocast
 makes and saves for backward move too: 2 B per parameter each way per micro-batch, and that much pinned host memory
-(the planner counts it); FSDP2's bf16 policy and DeepSpeed's bf16 compute on 16-bit weights and save none. The copies are synchronous; a stream
-that overlaps them with compute is the next step if PCIe time shows in the step time.
+(the planner counts it); FSDP2's bf16 policy and DeepSpeed's bf16 compute on 16-bit weights and save none.
+The copies are synchronous; a stream that overlaps them with compute is the next step if PCIe time shows in the
+step time.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ Two implementations of the same number (`train.loss`):
 
 `chunked` works by taking over the forward of the model's output-embedding module (the LM head) while a loss is
 computed: the head's module hooks still run around it, so FSDP2 and ZeRO-3 gather its weight as they would for the
-full logits. Generation and everything else see the ordinary head. It is exact only where the model hands the head's
-output straight to the loss (in fp32; under 16-bit compute the head's weight gradient is a sum of per-chunk
-16-bit terms, so it differs from `full` by 16-bit rounding, as micro-batch accumulation does); `auto` picks it for the architectures known to do so (CHUNKED_LOSS_ARCHS) and `full` for
-the rest.
+full logits. Generation and everything else see the ordinary head. It is exact (in fp32) only where the model hands
+the head's output straight to the loss; `auto` picks it for the architectures known to do so (CHUNKED_LOSS_ARCHS)
+and `full` for the rest. Under 16-bit compute the head's weight gradient is a sum of per-chunk 16-bit terms, so it
+differs from `full` by 16-bit rounding, as micro-batch accumulation does.
 """
 
 from __future__ import annotations

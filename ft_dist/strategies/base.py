@@ -167,14 +167,17 @@ class Strategy(ABC):
             options=self._state_options(),
         )
 
+    @property
+    def quantized(self) -> bool:
+        """A QLoRA model (transformers marks a bitsandbytes 4-bit load). Its checkpoints hold the adapters and their
+        optimizer states only: the frozen 4-bit base is the pretrained model, quantized the same way again at every
+        start (and torch's state-dict API has no layout for its blocks' quantization constants)."""
+        return bool(getattr(self.unwrapped(), "is_loaded_in_4bit", False))
+
     def _state_options(self) -> Any:
-        """QLoRA checkpoints hold the adapters and optimizer only: the frozen 4-bit base is the pretrained model,
-        quantized the same way again at every start (and torch's state-dict API has no layout for its blocks'
-        quantization constants)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        quantized = getattr(self.unwrapped(), "is_loaded_in_4bit", False)
-        return StateDictOptions(ignore_frozen_params=True, strict=False) if quantized else None
+        return StateDictOptions(ignore_frozen_params=True, strict=False) if self.quantized else None
 
     def close(self) -> None:  # noqa: B027  (optional: most strategies hold nothing to release)
         """Release engine resources; the process group itself is closed by ft_dist.dist.close()."""

@@ -111,7 +111,6 @@ class DeepSpeedZero(Strategy):
         # QLoRA: transformers quantizes the base as it loads it (never under zero.Init, which it skips for quantized
         # models), so every rank holds the 4-bit model until deepspeed.initialize partitions it (ZeRO-3).
         weights_dir = spec.weights_dir if self.fake_mode is None and not spec.quantized else None
-        self.quantized = spec.quantized
         # While this object lives, transformers builds models under zero.Init (partitioned at creation).
         hf_ds = HfDeepSpeedConfig(self.ds_config) if self.stage3 and not spec.quantized else None
         with self.fake_mode or contextlib.nullcontext():  # a dry run partitions fake tensors
