@@ -15,6 +15,7 @@ Two measurements per rank, both held to the bounds of tests/scale_bounds.py (doc
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.slow
 ARCH = dict(vocab_size=50304, hidden_size=1024, intermediate_size=4096, num_hidden_layers=18, num_attention_heads=16,
             num_key_value_heads=16, max_position_embeddings=512, tie_word_embeddings=False)
 SEQ, SHARD_GB = 64, 0.125
+DISK_NEEDED = 9 * GIB
 JOB = Job(params=405_050_368, largest_unit=50304 * 1024, hidden=1024, layers=18, vocab=50304, seq=SEQ, micro_batch=1,
           max_shard_bytes=int(SHARD_GB * GIB))
 SAVE_MODEL = f"""
@@ -104,6 +106,11 @@ def test_every_phase_stays_within_its_bound(strategy, resumed_under, saved_model
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
+    # The 4-rank checkpoint (fp32 weights + Adam moments), three bf16 models and the export: about 7 GB on disk.
+    free = shutil.disk_usage(tmp_path).free
+    if free < DISK_NEEDED:
+        pytest.fail(f"{tmp_path}: {free / GIB:.1f} GiB free on disk, this test writes ~7 GiB; free {DISK_NEEDED / GIB:.0f}"
+                    " GiB (old pytest-of-* or ft-dist-ci.* temp dirs) and rerun")
     report: List[dict] = []
     first, second = tmp_path / "four-ranks", tmp_path / "two-ranks"
     # 4 ranks: load, eval + generation, step 1, eval + generation samples, step 2, checkpoint, final eval and save.
