@@ -8,8 +8,10 @@ must fail in well under a second, before any model or data is touched.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional
 
 from omegaconf import MISSING
@@ -54,6 +56,9 @@ class ModelConfig:
     """Ignore pretrained weights and build from `arch` with random init (smoke runs; never downloads)."""
     arch: Dict[str, Any] = field(default_factory=dict)
     """HF config fields (`model_type` first). Lets tests and the planner build the architecture offline."""
+    config: Optional[str] = None
+    """A local HF config.json: its fields become `arch` (and its directory's name `name`), so ft-plan and
+    from-config builds take any architecture transformers can build, no conf/model/ entry needed."""
     tokenizer: Optional[str] = None
     """Tokenizer dir/id; `embedded:char` is ft-dist's built-in tokenizer; None: same as `name_or_path`."""
     trust_remote_code: bool = False
@@ -217,9 +222,25 @@ class RunConfig:
     """auto | cpu | cuda."""
 
 
+def load_arch_file(model: ModelConfig) -> None:
+    """`model.config=path/config.json`: read the file into `model.arch` (idempotent: checks run twice)."""
+    if not model.config:
+        return
+    path = Path(model.config).expanduser()
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError("model.config", f"{path}: expected a readable HF config.json ({err})") from err
+    if not isinstance(fields, dict) or "model_type" not in fields:
+        raise ConfigError("model.config", f"{path}: expected a HF config.json with a model_type field")
+    model.arch = fields
+    model.name = path.resolve().parent.name
+
+
 def validate(cfg: RunConfig) -> None:
     """Check what types cannot: the fields' declared choices and ranges, then combinations. Raises ConfigError
     naming the key. Works for every command schema built on RunConfig."""
+    load_arch_file(cfg.model)
     check_fields(RunConfig, cfg)
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError("train.keep_checkpoints", f"expected >= 1, got {cfg.train.keep_checkpoints}")

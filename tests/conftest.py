@@ -52,6 +52,22 @@ def compose(overrides: Sequence[str] = (), name: str = "train"):
     return cfg
 
 
+def compose_plan(overrides: Sequence[str] = ()):
+    """The config ft-plan would run with these overrides (validated the same way)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import ft_dist.commands.startup as cli
+    from ft_dist.commands.schema import validate_plan
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="plan", overrides=list(overrides))
+    validate_plan(cfg)
+    return cfg
+
+
 def run_cli(script: str, args: List[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run launch/<script>.py in a fresh interpreter, as a user would."""
     full_env = {**os.environ, "FT_DIST_NO_PROGRESS": "1", **(env or {})}

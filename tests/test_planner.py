@@ -183,7 +183,7 @@ def test_cli_json_has_the_promised_fields(tmp_path):
                 "activation_checkpointing", "fits", "per_gpu_bytes", "host_ram_bytes", "tokens_per_second",
                 "hours", "cost_usd", "reason"):
         assert key in cand
-    assert {"params", "grads", "optimizer", "activations", "overhead", "total"} <= set(cand["per_gpu_bytes"])
+    assert {"params", "grads", "optimizer", "activations", "allocator", "cuda_context", "allocated", "reserved", "total"} <= set(cand["per_gpu_bytes"])
     assert (tmp_path / "memory.png").stat().st_size > 1000
     assert "torchrun --nnodes" in (tmp_path / "launch.sh").read_text()
 
@@ -215,3 +215,107 @@ def test_plan_yaml_is_the_run_it_planned_memory_savers_included(tmp_path):
     assert (cfg.peft.method, cfg.peft.r, cfg.train.optimizer, cfg.train.loss) == ("qlora", 8, "paged_adamw_8bit", "chunked")
     assert (cfg.model.gradient_checkpointing, cfg.model.checkpoint_every, cfg.train.offload_activations) == (True, 2, True)
     assert cfg.data.max_seq_len == 1024 and cfg.strategy.name in ("single", "ddp")  # bitsandbytes' optimizers
+
+
+def _plan_in_process(capsys, *overrides: str) -> str:
+    """ft-plan in this process (composed and validated as the CLI does): its stdout."""
+    from conftest import compose_plan
+
+    from ft_dist.commands.plan import run
+
+    assert run(compose_plan(list(overrides))) == 0
+    return capsys.readouterr().out
+
+
+def test_memory_only_plan_covers_v100_in_fp16_and_explains_rejections(capsys, tmp_path):
+    out = _plan_in_process(capsys, "model=llama-2-7b", "plan.output_dir=")
+    assert "memory-only plan" in out and "cost $" not in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("p3.", "p3dn."))]
+    fits = [r for r in rows if len(r) == 11]  # instance nodes strategy prec mb acc AC alloc resv GPU tok/s
+    assert {r[0] for r in fits} >= {"p3dn.24xlarge"} and all(r[3] == "fp16" for r in fits), out
+    assert "V100-32GB has no bf16: fp16 mixed precision with loss scaling" in out
+    rejected = [line for line in out.splitlines() if line.startswith("  ") and "GiB): " in line]
+    assert rejected and all("largest term" in line or "runs" in line or "RAM" in line for line in rejected), out
+
+    # On one V100 instance, with FlashAttention-2 asked for: the written run is fp16 + SDPA, and ft-train takes it.
+    import json
+
+    from conftest import compose
+
+    data = json.loads(_plan_in_process(capsys, "model=llama-2-7b", "plan.instance=p3dn.24xlarge", "plan.peft=lora",
+                                       "plan.attention=flash_attention_2", "plan.format=json",
+                                       f"plan.output_dir={tmp_path}"))
+    fsdp = [c for c in data["candidates"] if c["strategy"] == "fsdp"]
+    assert fsdp and all(not c["fits"] and "FSDP2 runs fp32 or bf16" in c["reason"] for c in fsdp)  # as ft-train
+    assert all(c["per_gpu_bytes"]["total"] > 0 for c in data["candidates"])  # rejected ones show their figure too
+    text = (tmp_path / "plan.yaml").read_text()
+    assert "# V100-32GB has no bf16" in text and "FlashAttention-2 needs Ampere" in text
+    cfg = compose(yaml.safe_load(text)["overrides"])
+    assert (cfg.train.precision, cfg.model.attn_implementation, cfg.peft.method) == ("fp16", "sdpa", "lora")
+
+
+def test_any_architecture_from_a_config_json_with_its_count_checked(capsys, tmp_path):
+    import json
+
+    from ft_dist.planner.params import meta_param_count
+
+    arch = dict(model_type="qwen3", vocab_size=4000, hidden_size=256, intermediate_size=768, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=96, tie_word_embeddings=False)
+    model_dir = tmp_path / "my-qwen3"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({**arch, "architectures": ["Qwen3ForCausalLM"],
+                                                       "torch_dtype": "bfloat16"}))
+    out = _plan_in_process(capsys, f"model.config={model_dir / 'config.json'}", "plan.format=json",
+                           "plan.instance=g5.xlarge", "plan.peft=lora", f"plan.output_dir={tmp_path / 'plan'}")
+    data = json.loads(out)
+    assert data["model"] == "my-qwen3" and data["params"] == data["params_meta_build"] == meta_param_count(arch)
+    assert data["best"]["fits"] and data["best"]["instance"] == "g5.xlarge"
+    overrides = yaml.safe_load((tmp_path / "plan" / "plan.yaml").read_text())["overrides"]
+    assert f"model.name_or_path={model_dir}" in overrides
+    planned = json.loads((tmp_path / "plan" / "config.json").read_text())
+    assert {k: planned[k] for k in arch} == arch
+
+
+def test_arch_overrides_stay_consistent_or_fail_in_one_line():
+    from ft_dist.errors import ConfigError
+
+    base = _arch(REPO / "conf" / "model" / "llama-3.2-1b.yaml")
+    assert architecture(dict(base, hidden_size=4096)).head_dim == 128  # derived again, not the file's 64
+    for change, key in ((dict(num_key_value_heads=5), "model.arch.num_key_value_heads"),
+                        (dict(hidden_size=2050), "model.arch"),
+                        (dict(num_hidden_layers=0), "model.arch.num_hidden_layers"),
+                        (dict(hiden_size=4096), "model.arch.hiden_size")):
+        with pytest.raises(ConfigError) as err:
+            architecture(dict(base, **change))
+        assert str(err.value).count("\n") == 0 and key in str(err.value), err.value
+
+
+def test_fsdp_cpu_offload_keeps_model_states_on_the_host(tmp_path, capsys):
+    arch = architecture(_arch(REPO / "conf" / "model" / "llama-2-70b.yaml"))
+    setup = TrainingSetup(nodes=1, gpus_per_node=8, micro_batch=1, seq_len=2048, activation_checkpointing=True)
+    on_gpu, offloaded = (estimate_memory(arch, setup.but(strategy=s)) for s in ("fsdp", "fsdp_offload"))
+    states = 16 * arch.total_params / 8  # fp32 weights, grads and Adam moments of one rank's shard
+    assert on_gpu.model_states == pytest.approx(states, rel=0.01)
+    assert offloaded.model_states == offloaded.params == offloaded.grads == offloaded.optimizer == 0
+    assert offloaded.host_ram >= 8 * states and offloaded.total < on_gpu.total - states
+    from conftest import compose
+
+    _plan_in_process(capsys, "model=llama-2-70b", "plan.instance=p4d.24xlarge", "plan.strategy=fsdp_offload",
+                     "plan.nodes=2", f"plan.output_dir={tmp_path}")  # 1.1 TB of fp32 states: > one node's RAM
+    cfg = compose(yaml.safe_load((tmp_path / "plan.yaml").read_text())["overrides"])
+    assert cfg.strategy.name == "fsdp" and cfg.strategy.cpu_offload
+
+
+def test_cli_zero3_model_states_equal_deepspeed_for_the_real_model(capsys):
+    import json
+
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
+
+    arch = _arch(REPO / "conf" / "model" / "llama-2-7b.yaml")
+    total, largest = model_to_params(_meta_model(arch))
+    total = architecture(arch).total_params  # model_to_params dedups by data_ptr, which is 0 on meta
+    data = json.loads(_plan_in_process(capsys, "model=llama-2-7b", "plan.format=json", "plan.instance=p4de.24xlarge",
+                                       "plan.strategy=zero3", "plan.nodes=2", "plan.output_dir="))
+    _, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=8, num_nodes=2,
+                                                      cpu_offload=False)
+    assert data["best"]["model_states_bytes_per_gpu"] == pytest.approx(gpu, abs=4)

@@ -34,6 +34,11 @@ def test_eval_loss_falls_and_outputs_are_written(demo_run):
     assert steps[-1]["loss"] < steps[0]["loss"] and all(k in steps[0] for k in ("lr", "grad_norm", "tokens_per_s", "eta_s"))
     report = json.loads((demo_run / "eval.json").read_text())
     assert report["before"]["exact_match"] == 0.0 and report["after"]["eval_loss"] == pytest.approx(evals[-1])
+    # The planner's self-check: its prediction for this exact config beside the train phase's measured RSS.
+    check = report["planner_check"]
+    assert check["phase"] == "train" and check["device"] == "cpu" and abs(check["error_rss"]) < 0.25, check
+    events = [m for m in read_metrics(demo_run) if m.get("event") == "planner_check"]
+    assert len(events) == 1 and all(events[0][k] == v for k, v in check.items())
     config = (demo_run / "config.yaml").read_text()
     assert "micro_batch_size: 32" in config and "max_steps: 80" in config and "${" not in config
     assert (demo_run / "final" / "model.safetensors").is_file() and (demo_run / "final" / "tokenizer.json").is_file()

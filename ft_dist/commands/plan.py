@@ -13,6 +13,7 @@ from ft_dist.planner.api import apply_trace
 from ft_dist.planner.api import plan as make_plan
 from ft_dist.planner.catalog import load_catalog
 from ft_dist.planner.memory import GIB, GpuOverhead
+from ft_dist.planner.params import meta_param_count
 from ft_dist.planner.recommend import SearchSpace
 from ft_dist.planner.report import candidates_text, naive_text, write_chart, write_plan_files
 from ft_dist.planner.workload import TrainingSetup
@@ -56,6 +57,7 @@ def run(cfg: PlanRunConfig) -> Optional[int]:
         overhead,
         mfu=dict(p.mfu) if p.mfu else None,
         model_name=cfg.model.name,
+        meta_params=meta_param_count(arch_dict),
     )
     if p.trace:
         best = result.best
@@ -68,7 +70,7 @@ def run(cfg: PlanRunConfig) -> Optional[int]:
     if p.output_dir:
         out = Path(p.output_dir)
         for path in (
-            write_plan_files(result, out, base),
+            write_plan_files(result, out, base, arch_dict, cfg.model.config),
             write_chart(result, out / "memory.png", p.top),
         ):
             if path is not None:

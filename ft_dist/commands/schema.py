@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from ft_dist.cluster.schema import ClusterConfig
-from ft_dist.config import ModelConfig, RunConfig, validate
+from ft_dist.config import ModelConfig, RunConfig, load_arch_file, validate
 from ft_dist.data.schema import DataConfig, validate_data
 from ft_dist.errors import ConfigError
 from ft_dist.eval.run_schema import EvalRunConfig, GenerateRunConfig
@@ -133,9 +133,11 @@ def validate_data_run(cfg: DataReportConfig) -> None:
 def validate_plan(cfg: PlanRunConfig) -> None:
     """Value checks beyond types; raise ConfigError naming the key. Cheap: runs before any heavy import."""
     plan = cfg.plan
-    if not plan.tokens > 0:  # the default: say what the number is
-        raise ConfigError("plan.tokens", f"expected the dataset's token count (> 0), got {plan.tokens}")
+    load_arch_file(cfg.model)
     check_fields(PlanConfig, plan, "plan.")
+    if not plan.tokens and (plan.deadline_hours or plan.budget_usd):
+        key = "plan.deadline_hours" if plan.deadline_hours else "plan.budget_usd"
+        raise ConfigError(key, "a deadline or budget needs time and cost: set plan.tokens (dataset tokens, e.g. 1e8)")
     if not 0 <= plan.headroom < 1:
         raise ConfigError("plan.headroom", f"expected a share in [0, 1), got {plan.headroom}")
     if "model_type" not in cfg.model.arch:

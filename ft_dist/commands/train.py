@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, Optional, cast
 
@@ -24,6 +25,7 @@ from ft_dist.loop import LoopResult, train_loop
 from ft_dist.models import ModelSpec, count_parameters, dequantized, load_tokenizer
 from ft_dist.optim import build_optimizer
 from ft_dist.phase_memory import PhaseMemory, format_phase_table
+from ft_dist.planner.run_setup import format_self_check, self_check
 from ft_dist.runtime import resolve_output_dir, seed_everything
 from ft_dist.strategies import Strategy, build_strategy
 from ft_dist.tracking import Tracker, scrub_secrets
@@ -194,6 +196,14 @@ def _finish(
         )
     records = memory.gather()
     report["memory"] = {"per_rank": records}
+    # The planner's figure for this exact config beside the measured peak: every run is a validation point.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+    try:
+        check = self_check(cfg, world.size, local, world.device.type, records)
+    except Exception as err:  # a planner gap must not fail a finished run; say so and keep the results
+        dist.log(f"warning: planner self-check failed: {err}")
+        check = None
+    report["planner_check"] = check
     if world.is_main:
         atomic_write_text(out_dir / "memory.json", json.dumps({"unit": "bytes", "ranks": records}, indent=1))
         atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2))
@@ -201,7 +211,11 @@ def _finish(
             for s in after["samples"]:
                 fh.write(json.dumps(s) + "\n")
         tracker.summary({f"final/{k}": v for k, v in after_scores.items() if isinstance(v, float)})
+        if check:
+            tracker.event(result.steps, "planner_check", **check)
+            tracker.summary({f"planner_check/{k}": v for k, v in check.items()})
     dist.log(format_phase_table(records))
+    dist.log(format_self_check(check))
     tracker.close()
     dist.log("\n" + before_after_table(report.get("before"), after_scores))
     dist.log(f"\nfinetuned model: {final}\nmetrics: {out_dir / 'metrics.jsonl'}")

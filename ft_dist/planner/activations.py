@@ -71,7 +71,7 @@ def _mode(setup: TrainingSetup) -> str:
     blocks on 16-bit weights directly, which saves what pure bf16 saves."""
     if setup.precision == "fp32":
         return "fp32"
-    if setup.precision == "pure_bf16" or setup.deepspeed or setup.strategy == "fsdp":
+    if setup.precision == "pure_bf16" or setup.deepspeed or setup.fsdp:
         return "pure"
     return "mixed"
 

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ft_dist.planner.catalog import Catalog, load_catalog
 from ft_dist.planner.memory import GpuOverhead, estimate_memory
-from ft_dist.planner.params import Architecture, architecture
+from ft_dist.planner.params import Architecture, architecture, from_meta_build, hf_config
 from ft_dist.planner.recommend import Candidate, NaiveRow, SearchSpace, naive_table, recommend
 from ft_dist.planner.workload import TrainingSetup
 
@@ -20,6 +20,8 @@ class Plan:
     candidates: List[Candidate]
     naive: List[NaiveRow]
     trace: Optional[Dict[str, Any]] = None
+    meta_params: Optional[int] = None
+    """sum(p.numel()) of the model built on the meta device, when the CLI checked the count."""
 
     @property
     def best(self) -> Optional[Candidate]:
@@ -29,6 +31,7 @@ class Plan:
         return {
             "model": self.model,
             "params": self.arch.total_params,
+            "params_meta_build": self.meta_params,
             "total_tokens": self.total_tokens,
             "naive": [r.as_dict() for r in self.naive],
             "candidates": [c.as_dict() for c in self.candidates],
@@ -61,6 +64,7 @@ def plan(
     overhead: GpuOverhead = GpuOverhead(),
     mfu: Optional[Mapping[str, float]] = None,
     model_name: str = "model",
+    meta_params: Optional[int] = None,
 ) -> Plan:
     """Rank every (instance, nodes, strategy) for `tokens` x `epochs` tokens of finetuning."""
     catalog = catalog or load_catalog()
@@ -68,5 +72,9 @@ def plan(
         catalog = Catalog(catalog.instances, {**catalog.mfu, **mfu})
     space = space or SearchSpace(instances=list(catalog.instances))
     arch = architecture(arch_dict)
+    if meta_params is not None and meta_params != arch.total_params:
+        # The closed form missed something of this variant (a bias, a norm): read the shapes off the build instead.
+        arch = from_meta_build(hf_config(arch_dict))
     total = tokens * epochs
-    return Plan(model_name, arch, total, recommend(arch, base, catalog, space, total, overhead), naive_table(catalog))
+    candidates = recommend(arch, base, catalog, space, total, overhead)
+    return Plan(model_name, arch, total, candidates, naive_table(catalog), meta_params=meta_params)

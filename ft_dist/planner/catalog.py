@@ -20,6 +20,8 @@ class Instance:
     gpu: str
     gpus: int
     gpu_memory_gb: float
+    device_gib: float
+    """What the driver reports as the GPU's total memory: what a plan must fit."""
     peak_tflops: Dict[str, float]
     precisions: Tuple[str, ...]
     generation: str
@@ -55,6 +57,7 @@ def load_catalog(path: Optional[str] = None) -> Catalog:
             gpu=row["gpu"],
             gpus=row["gpus"],
             gpu_memory_gb=gpu["memory_gb"],
+            device_gib=gpu.get("device_gib", gpu["memory_gb"]),
             peak_tflops=dict(gpu["peak_tflops"]),
             precisions=tuple(gpu["precisions"]),
             generation=gpu["generation"],

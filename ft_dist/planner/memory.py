@@ -38,17 +38,25 @@ HOST_BUFFER_FACTOR = 1.5
 
 @dataclass(frozen=True)
 class GpuOverhead:
-    """GPU-only memory that no tensor accounts for."""
+    """GPU-only memory that no tensor accounts for (docs/planner.md, "Allocated, reserved, device")."""
 
     cuda_context_bytes: float = 1.0 * GIB
-    """CUDA context + cuBLAS/NCCL workspaces; vram.asmirnov.xyz quotes 300 MiB-2 GiB, gpu_poor uses 650 MB."""
+    """CUDA context + cuBLAS/NCCL workspaces, outside the caching allocator (nvidia-smi sees it, torch does not);
+    vram.asmirnov.xyz quotes 300 MiB-2 GiB, gpu_poor uses 650 MB."""
     fragmentation: float = 0.10
-    """Caching-allocator reserve above the tensor peak (reserved vs allocated); environment.md saw 7-19 % on CPU."""
+    """The caching allocator's reserve above the tensor peak: max_memory_reserved / max_memory_allocated - 1
+    (environment.md saw 7-19 % on CPU)."""
 
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
-    """Bytes per GPU at the peak, by component, and host RAM per node."""
+    """Bytes per GPU at the peak, by component, and host RAM per node.
+
+    Three figures, each what a tool reports on a real GPU:
+      allocated: the tensors (torch.cuda.max_memory_allocated);
+      reserved:  allocated + the caching allocator's reserve (torch.cuda.max_memory_reserved);
+      total:     reserved + the CUDA context (nvidia-smi's "used"): the figure that must fit the GPU.
+    """
 
     params: int
     grads: int
@@ -56,26 +64,38 @@ class MemoryBreakdown:
     activations: int
     logits: int
     comm_buffers: int
-    overhead: int
+    allocator: int
+    cuda_context: int
     host_ram: int
     peak_phase: str
+    model_states: int = 0
+    """Parameters + gradients + optimizer states per GPU in steady state (all gradients present): the figure
+    DeepSpeed's estimate_zero*_model_states_mem_needs print. The peak's own terms can hold fewer gradients."""
+
+    @property
+    def allocated(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + self.logits + self.comm_buffers
+
+    @property
+    def reserved(self) -> int:
+        return self.allocated + self.allocator
 
     @property
     def total(self) -> int:
-        return (
-            self.params
-            + self.grads
-            + self.optimizer
-            + self.activations
-            + self.logits
-            + self.comm_buffers
-            + self.overhead
-        )
+        return self.reserved + self.cuda_context
 
     def per_gpu(self) -> Dict[str, int]:
-        out = {k: v for k, v in asdict(self).items() if k not in ("host_ram", "peak_phase")}
-        out["total"] = self.total
+        out = {k: v for k, v in asdict(self).items() if k not in _NOT_TERMS}
+        out.update(allocated=self.allocated, reserved=self.reserved, total=self.total)
         return out
+
+    def largest_term(self) -> str:
+        """The component that contributes most: what to cut when the total does not fit."""
+        terms = {k: v for k, v in asdict(self).items() if k not in _NOT_TERMS}
+        return max(terms, key=lambda k: terms[k])
+
+
+_NOT_TERMS = ("host_ram", "peak_phase", "model_states")
 
 
 @dataclass(frozen=True)
@@ -119,7 +139,7 @@ def model_states(arch: Architecture, setup: TrainingSetup) -> ModelStates:
     """Parameters, gradients and optimizer states per GPU, and host RAM per node, for `setup.strategy`."""
     if setup.deepspeed:
         return _deepspeed_states(arch, setup)
-    n = setup.world_size if setup.strategy == "fsdp" else 1
+    n = setup.world_size if setup.fsdp else 1
     trainable = trainable_params(arch, setup)
     # Torch-native: trainable weights stay fp32 under autocast; pure bf16 stores them in bf16. PEFT keeps LoRA
     # adapters in fp32 whatever the base dtype (autocast_adapter_dtype=True).
@@ -127,9 +147,15 @@ def model_states(arch: Architecture, setup: TrainingSetup) -> ModelStates:
     params = trainable * w + _frozen_weight_bytes(arch, setup)
     grads = trainable * w
     optimizer = trainable * _optimizer_state_bytes(setup, w)
-    # Host RAM: every local rank materialises the model once while loading (FSDP too, before sharding).
-    host = arch.total_params * (2 if w == 2 or setup.peft != "none" else 4) * setup.gpus_per_node
-    return ModelStates(params / n, grads / n, optimizer / n, host * HOST_BUFFER_FACTOR)
+    # Host RAM: under single/DDP every local rank materialises the model once while loading; FSDP2 builds on the
+    # meta device and each rank reads only its own slices of the weights (strategies/fsdp.py).
+    load = 0 if setup.fsdp else arch.total_params * (2 if w == 2 or setup.peft != "none" else 4) * setup.gpus_per_node
+    if setup.strategy == "fsdp_offload":
+        # FSDP2's CPUOffloadPolicy: the sharded fp32 parameters, their gradients and the optimizer states live in
+        # (pinned) host memory and the optimizer steps there; the GPU holds only what is gathered (comm buffers).
+        host = max(load, (params + grads + optimizer) / n * setup.gpus_per_node)
+        return ModelStates(0.0, 0.0, 0.0, host * HOST_BUFFER_FACTOR)
+    return ModelStates(params / n, grads / n, optimizer / n, load * HOST_BUFFER_FACTOR)
 
 
 def _deepspeed_states(arch: Architecture, setup: TrainingSetup) -> ModelStates:
@@ -167,7 +193,7 @@ def _deepspeed_states(arch: Architecture, setup: TrainingSetup) -> ModelStates:
 
 def comm_buffer_bytes(arch: Architecture, setup: TrainingSetup) -> float:
     """Communication buffers beyond the model states (zero on one device)."""
-    if setup.world_size == 1 and setup.strategy in ("single", "ddp", "fsdp"):
+    if setup.world_size == 1 and setup.strategy in ("single", "ddp", "fsdp"):  # fsdp_offload still stages on 1
         return 0.0
     trainable = trainable_params(arch, setup)
     c = setup.compute_bytes
@@ -175,10 +201,12 @@ def comm_buffer_bytes(arch: Architecture, setup: TrainingSetup) -> float:
         # ft-dist's DDP sets gradient_as_bucket_view=True: the gradients are views into the all-reduce buckets,
         # so the buckets cost nothing beyond the gradients already counted.
         return 0.0
-    if setup.strategy == "fsdp":
-        # FSDP2 all-gathers the next block while computing this one, and reduce-scatters its gradients.
-        block = arch.block_params
-        return 2 * block * c + block * 4
+    if setup.fsdp:
+        # FSDP2 all-gathers the next unit while computing this one, and reduce-scatters its gradients in fp32.
+        # The units are the blocks and (untied) the embedding and the head (strategies/fsdp.py shard_units); the
+        # head is the largest unit of a big-vocabulary model.
+        unit = max(arch.block_params, arch.vocab * arch.hidden)
+        return 2 * unit * c + unit * 4
     cap, buckets = arch.total_params, ds_buckets(arch.hidden)
     if setup.zero_stage == 3:
         return (min(buckets["prefetch"], cap) + min(buckets["reduce"], cap)) * c
@@ -216,7 +244,7 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup, overhead: GpuOverh
         # it, never under zero.Init) before it is sharded; that load can be the run's peak.
         loaded = _frozen_weight_bytes(arch, setup) + trainable_params(arch, setup) * 4
         if loaded > tensors:
-            extra = overhead.cuda_context_bytes + overhead.fragmentation * loaded if setup.device == "cuda" else 0.0
+            gpu = setup.device == "cuda"
             return MemoryBreakdown(
                 params=int(loaded),
                 grads=0,
@@ -224,11 +252,13 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup, overhead: GpuOverh
                 activations=0,
                 logits=0,
                 comm_buffers=0,
-                overhead=int(extra),
+                allocator=int(overhead.fragmentation * loaded) if gpu else 0,
+                cuda_context=int(overhead.cuda_context_bytes) if gpu else 0,
                 host_ram=int(states.host_ram),
                 peak_phase="load (the whole 4-bit base on every rank, before sharding)",
+                model_states=int(states.params + states.grads + states.optimizer),
             )
-    extra = overhead.cuda_context_bytes + overhead.fragmentation * tensors if setup.device == "cuda" else 0.0
+    gpu = setup.device == "cuda"
     return MemoryBreakdown(
         params=int(states.params),
         grads=int(grads),
@@ -236,9 +266,11 @@ def estimate_memory(arch: Architecture, setup: TrainingSetup, overhead: GpuOverh
         activations=int(acts),
         logits=int(logits),
         comm_buffers=int(comm),
-        overhead=int(extra),
+        allocator=int(overhead.fragmentation * tensors) if gpu else 0,
+        cuda_context=int(overhead.cuda_context_bytes) if gpu else 0,
         host_ram=int(states.host_ram + phases.offloaded * setup.gpus_per_node),
         peak_phase=name,
+        model_states=int(states.params + states.grads + states.optimizer),
     )
 
 

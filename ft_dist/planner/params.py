@@ -11,6 +11,7 @@ Families: `llama` (Llama 1-3, Mistral, Qwen2: RMSNorm, gated SiLU MLP, GQA/MQA, 
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Tuple
 
@@ -120,24 +121,59 @@ class Architecture:
 
 
 def hf_config(arch: Mapping[str, Any]) -> Any:
-    """The transformers config object for an `arch` dict (its `model_type` picks the class)."""
+    """The transformers config object for an `arch` dict (its `model_type` picks the class). A key that is a near
+    miss of a known field (hiden_size), which transformers would keep as a stray attribute, fails here."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     fields = dict(arch)
     model_type = fields.pop("model_type", None)
-    if model_type not in _FAMILIES:
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError("model.arch.model_type", f"transformers has no model_type {model_type!r}")
+    cls = CONFIG_MAPPING[model_type]
+    known = set(cls().to_dict()) | set(getattr(cls, "attribute_map", {}))
+    for key in sorted(set(fields) - known):
+        # Legacy and model-specific keys (rope_scaling, rope_theta...) pass; a near miss of a known one is a typo.
+        near = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+        if near:
+            raise ConfigError(
+                f"model.arch.{key}", f"{cls.__name__} has no field {key!r}; did you mean model.arch.{near[0]}?"
+            )
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except Exception as err:  # transformers' own validators (ValueError, huggingface_hub's validation errors)
+        cause = err.__cause__ or err
+        raise ConfigError("model.arch", f"{cls.__name__} refuses it: {str(cause).splitlines()[0]}") from err
+
+
+def _check_shape(cfg: Any, head_dim_given: bool) -> None:
+    """An inconsistent override fails in one line instead of planning a model nobody can build."""
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size"):
+        value = getattr(cfg, key, 1)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"model.arch.{key}", f"expected a positive integer, got {value!r}")
+    if heads % kv:
         raise ConfigError(
-            "model.arch.model_type", f"the planner knows {', '.join(sorted(_FAMILIES))}; got {model_type!r}"
+            "model.arch.num_key_value_heads", f"{kv} does not divide num_attention_heads={heads}; expected a divisor"
         )
-    return AutoConfig.for_model(model_type, **fields)
+    if not head_dim_given and h % heads:  # transformers would floor hidden / heads silently
+        raise ConfigError(
+            "model.arch.num_attention_heads", f"{heads} does not divide hidden_size={h}; set model.arch.head_dim too"
+        )
 
 
 def architecture(arch: Mapping[str, Any]) -> Architecture:
-    """Normalise an `arch` dict (HF config fields) into an `Architecture`."""
+    """Normalise an `arch` dict (HF config fields) into an `Architecture`: closed form for the known families,
+    from a meta-device build for any other model transformers can build."""
     cfg = hf_config(arch)
+    if cfg.model_type not in _FAMILIES:
+        return from_meta_build(cfg)
     family = _FAMILIES[cfg.model_type]
     if family == "gpt2":
         return _gpt2(cfg)
+    _check_shape(cfg, "head_dim" in arch)
     h = cfg.hidden_size
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or h // heads
@@ -208,6 +244,64 @@ def _gpt2(cfg: Any) -> Architecture:
         positions=cfg.n_positions,
         norm_params_per_layer=4 * h,
         final_norm_params=2 * h,
+        block_linears=linears,
+    )
+
+
+def meta_model(cfg: Any) -> Any:
+    """The real model on the meta device: shapes without storage (transformers' own code, no download)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def meta_param_count(arch: Mapping[str, Any]) -> int:
+    """sum(p.numel()) of the model built on the meta device (tied weights once): the check of the closed form."""
+    return sum(p.numel() for p in meta_model(hf_config(arch)).parameters())
+
+
+def from_meta_build(cfg: Any) -> Architecture:
+    """An architecture outside the closed-form families, read off its meta-device build: the repeated blocks (the
+    longest ModuleList), block 0's linear projections, and everything else as embeddings, norms and head.
+    Activations are then modelled as the Llama family's (gated MLP) or GPT-NeoX's (plain MLP); a mixture-of-experts
+    block counts every expert as resident and active, an upper bound."""
+    import torch.nn as nn
+
+    model = meta_model(cfg)
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if not lists:
+        raise ConfigError("model.config", f"{type(model).__name__} has no repeated blocks the planner can find")
+    blocks = max(lists, key=len)
+    linears = tuple(
+        Linear(name, mod.in_features, mod.out_features, mod.bias is not None)
+        for name, mod in blocks[0].named_modules()
+        if isinstance(mod, nn.Linear)
+    )
+    block_params = sum(p.numel() for p in blocks[0].parameters())
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    vocab, h = embed.shape
+    head = model.get_output_embeddings()
+    tied = head is None or head.weight is embed
+    other = total - len(blocks) * block_params - vocab * h - (0 if tied else vocab * h)
+    heads = cfg.num_attention_heads
+    gated = any(lin.name.endswith(("gate_proj", "w1", "gate_up_proj")) for lin in linears)
+    return Architecture(
+        model_type=cfg.model_type,
+        family="llama" if gated else "gpt_neox",
+        vocab=vocab,
+        hidden=h,
+        layers=len(blocks),
+        heads=heads,
+        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or h // heads,
+        intermediate=getattr(cfg, "intermediate_size", None) or max(lin.fan_out for lin in linears),
+        tied_embeddings=tied,
+        positions=0,
+        norm_params_per_layer=block_params - sum(lin.params for lin in linears),
+        final_norm_params=other,
         block_linears=linears,
     )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, cast
+from typing import Dict, List, Optional, Sequence, Tuple, cast
 
 from ft_dist.config import BNB_OPTIMIZERS
 from ft_dist.planner.catalog import Catalog, Instance
@@ -35,6 +35,11 @@ class Candidate:
     fits: bool
     memory: Optional[MemoryBreakdown]
     usable_bytes: float
+    precision: str = "bf16"
+    """What this GPU runs: the asked precision, or fp16 with loss scaling where the GPU has no bf16 (V100)."""
+    attention: str = "sdpa"
+    note: str = ""
+    """Why precision or attention differ from what was asked."""
     tokens_per_second: float = 0.0
     hours: float = math.inf
     cost_usd: float = math.inf
@@ -50,8 +55,13 @@ class Candidate:
             "micro_batch": self.micro_batch,
             "grad_accum": self.grad_accum,
             "activation_checkpointing": self.activation_checkpointing,
+            "precision": self.precision,
+            "attention": self.attention,
+            "note": self.note,
             "fits": self.fits,
             "per_gpu_bytes": self.memory.per_gpu() if self.memory else None,
+            "model_states_bytes_per_gpu": self.memory.model_states if self.memory else None,
+            "peak_phase": self.memory.peak_phase if self.memory else None,
             "host_ram_bytes": self.memory.host_ram if self.memory else None,
             "usable_bytes_per_gpu": int(self.usable_bytes),
             "tokens_per_second": finite(self.tokens_per_second),
@@ -82,17 +92,43 @@ def _strategies(space: SearchSpace, world: int) -> List[str]:
     return [s for s in STRATEGIES if (s == "single") == (world == 1)]
 
 
-def _structural_reason(base: TrainingSetup, inst: Instance, strategy: str, world: int) -> str:
-    if base.precision not in inst.precisions:
-        return f"{inst.gpu} has no {base.precision} support"
+def for_gpu(base: TrainingSetup, inst: Instance) -> Tuple[TrainingSetup, str]:
+    """The setup this GPU runs, and why it differs from `base`: Volta (V100) has no bf16, so mixed bf16 becomes
+    mixed fp16 with dynamic loss scaling (train.precision=fp16), and no FlashAttention-2 (Ampere+), so SDPA."""
+    notes = []
+    if base.precision in ("bf16", "pure_bf16") and base.precision not in inst.precisions and "fp16" in inst.precisions:
+        base = base.but(precision="fp16")
+        notes.append(f"{inst.gpu} has no bf16: fp16 mixed precision with loss scaling")
+    if base.attention == "flash_attention_2" and inst.generation == "volta":
+        base = base.but(attention="sdpa")
+        notes.append("FlashAttention-2 needs Ampere or newer: SDPA")
+    return base, "; ".join(notes)
+
+
+def _structural_reason(setup: TrainingSetup, inst: Instance, strategy: str, world: int) -> str:
+    if setup.precision not in inst.precisions:
+        return f"{inst.gpu} has no {setup.precision} support"
     if strategy == "single" and world > 1:
         return "single needs one GPU"
-    # The combinations ft-train refuses (ft_dist/config.py), so a plan never picks a run that cannot start.
-    if base.optimizer in BNB_OPTIMIZERS and strategy not in ("single", "ddp"):
-        return f"{base.optimizer} (bitsandbytes) runs under single or ddp only"
-    if base.peft == "qlora" and strategy.endswith("_offload"):
+    # The combinations ft-train refuses (ft_dist/config.py, strategies/), so a plan never picks a run that cannot
+    # start.
+    if setup.precision == "fp16" and strategy in ("fsdp", "fsdp_offload"):
+        return "FSDP2 runs fp32 or bf16 here; fp16 (V100) runs under DDP or ZeRO"
+    if setup.optimizer in BNB_OPTIMIZERS and strategy not in ("single", "ddp"):
+        return f"{setup.optimizer} (bitsandbytes) runs under single or ddp only"
+    if setup.peft == "qlora" and strategy.endswith("_offload"):
         return "QLoRA keeps its 4-bit base and adapters on the GPU (no offload)"
     return ""
+
+
+def _too_big(m: MemoryBreakdown, usable: float, host_limit: float) -> str:
+    """Why a memory figure does not fit, naming the largest term."""
+    if m.total > usable:
+        return (
+            f"{m.total / GIB:.1f} GiB per GPU > {usable / GIB:.1f} GiB usable; "
+            f"largest term {m.largest_term()} {getattr(m, m.largest_term()) / GIB:.1f} GiB"
+        )
+    return f"{m.host_ram / 1e9:.0f} GB host RAM per node > {host_limit / 1e9:.0f} GB"
 
 
 def evaluate(
@@ -106,15 +142,15 @@ def evaluate(
     total_tokens: float,
     overhead: GpuOverhead,
 ) -> Candidate:
-    """Best fitting micro-batch x checkpointing for one (instance, nodes, strategy)."""
+    """Best fitting micro-batch x checkpointing for one (instance, nodes, strategy).
+
+    Without a token budget (total_tokens 0: a memory-only plan) fits are ranked by throughput per dollar-hour and
+    carry no hours or cost. A rejected option keeps the memory figure of its smallest setting."""
     world = nodes * inst.gpus
-    usable = inst.gpu_memory_gb * GIB * (1 - space.headroom)
+    usable = inst.device_gib * GIB * (1 - space.headroom)
     host_limit = inst.host_ram_gb * 1e9 * (1 - space.headroom)
-    empty = Candidate(inst.name, nodes, inst.gpus, strategy, 0, 0, False, False, None, usable)
+    base, note = for_gpu(base, inst)
     reason = _structural_reason(base, inst, strategy, world)
-    if reason:
-        empty.reason = reason
-        return empty
     best: Optional[Candidate] = None
     smallest: Optional[Candidate] = None
     mbs = [space.micro_batch] if space.micro_batch else MICRO_BATCHES
@@ -132,30 +168,37 @@ def evaluate(
                 device="cuda",
             )
             mem = estimate_memory(arch, setup, overhead)
-            cand = Candidate(inst.name, nodes, inst.gpus, strategy, mb, accum, ac, False, mem, usable)
+            cand = Candidate(
+                inst.name,
+                nodes,
+                inst.gpus,
+                strategy,
+                mb,
+                accum,
+                ac,
+                False,
+                mem,
+                usable,
+                base.precision,
+                base.attention,
+                note,
+            )
             # `smallest` is only ever a candidate built here, with its memory estimate
             if smallest is None or mem.total < cast(MemoryBreakdown, smallest.memory).total:
                 smallest = cand
-            if mem.total > usable or mem.host_ram > host_limit:
+            if reason or mem.total > usable or mem.host_ram > host_limit:
                 continue
             timing = step_time(arch, setup, inst, catalog.mfu)
             cand.fits = True
             cand.tokens_per_second = timing.tokens_per_second
-            cand.hours = total_tokens / timing.tokens_per_second / 3600
-            cand.cost_usd = cand.hours * inst.usd_per_hour * nodes
+            if total_tokens > 0:
+                cand.hours = total_tokens / timing.tokens_per_second / 3600
+                cand.cost_usd = cand.hours * inst.usd_per_hour * nodes
             if best is None or cand.tokens_per_second > best.tokens_per_second:
                 best = cand
     if best is None:
         assert smallest is not None and smallest.memory is not None
-        m = smallest.memory
-        if m.total > usable:
-            smallest.reason = (
-                f"needs {m.total / GIB:.1f} GiB per GPU at micro-batch {smallest.micro_batch}"
-                f"{' with checkpointing' if smallest.activation_checkpointing else ''}"
-                f" > {usable / GIB:.1f} GiB usable"
-            )
-        else:
-            smallest.reason = f"needs {m.host_ram / 1e9:.0f} GB host RAM per node > {host_limit / 1e9:.0f} GB"
+        smallest.reason = reason or _too_big(smallest.memory, usable, host_limit)
         return smallest
     if space.deadline_hours is not None and best.hours > space.deadline_hours:
         best.fits, best.reason = False, f"takes {best.hours:.1f} h > deadline {space.deadline_hours} h"
@@ -180,7 +223,11 @@ def recommend(
         for nodes in node_counts:
             for strategy in _strategies(space, nodes * inst.gpus):
                 out.append(evaluate(arch, base, inst, nodes, strategy, space, catalog, total_tokens, overhead))
-    out.sort(key=lambda c: (not c.fits, c.cost_usd, c.hours))
+    if total_tokens > 0:
+        out.sort(key=lambda c: (not c.fits, c.cost_usd, c.hours))
+    else:  # memory-only: the cheapest tokens per dollar first
+        price = {name: catalog.instances[name].usd_per_hour for name in space.instances}
+        out.sort(key=lambda c: (not c.fits, -c.tokens_per_second / (price[c.instance] * c.nodes)))
     return out
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import List, Optional, cast
+from typing import Any, List, Mapping, Optional, Sequence, cast
 
 from ft_dist.cluster.command_line import Rendezvous, shell_line, training_command
 from ft_dist.planner.api import Plan
@@ -11,7 +12,7 @@ from ft_dist.planner.memory import GIB, MemoryBreakdown
 from ft_dist.planner.recommend import Candidate
 from ft_dist.planner.workload import TrainingSetup
 
-_COMPONENTS = ("params", "grads", "optimizer", "activations", "logits", "comm_buffers", "overhead")
+_COMPONENTS = ("params", "grads", "optimizer", "activations", "logits", "comm_buffers", "allocator", "cuda_context")
 
 
 def _b(x: float) -> str:
@@ -34,41 +35,66 @@ def naive_text(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _gib(m: Optional[MemoryBreakdown], attr: str) -> str:
+    return f"{getattr(m, attr) / GIB:.1f}" if m is not None else "-"
+
+
 def candidates_text(plan: Plan, top: int) -> str:
+    """The ranked fits (allocated, reserved and device GiB per GPU; time and cost when tokens are given), then the
+    rejected options with their figure and the term that broke the limit."""
     fits = [c for c in plan.candidates if c.fits]
+    timed = plan.total_tokens > 0
     lines = [
-        f"{plan.model}: {plan.arch.total_params:,} parameters, {plan.total_tokens:.3g} tokens to train",
-        f"{'instance':14} {'nodes':>5} {'strategy':13} {'mb':>3} {'acc':>4} {'AC':>3} {'GiB/GPU':>8} "
-        f"{'tok/s':>9} {'hours':>8} {'cost $':>9}",
+        f"{plan.model}: {plan.arch.total_params:,} parameters"
+        + (f" (meta-device build: {plan.meta_params:,})" if plan.meta_params is not None else "")
+        + ", "
+        + (f"{plan.total_tokens:.3g} tokens to train" if timed else "memory-only plan (set plan.tokens for time/cost)"),
+        "GiB per GPU: alloc = tensors (max_memory_allocated), resv = + allocator reserve (max_memory_reserved), "
+        "GPU = + CUDA context (nvidia-smi)",
+        f"{'instance':14} {'nodes':>5} {'strategy':13} {'prec':>5} {'mb':>3} {'acc':>4} {'AC':>3} {'alloc':>6} "
+        f"{'resv':>6} {'GPU':>6} {'tok/s':>9}" + (f" {'hours':>8} {'cost $':>9}" if timed else ""),
     ]
-    for c in fits[:top]:
-        assert c.memory is not None  # a candidate only fits with a memory estimate
+    shown = fits[:top]
+    # Every instance that can run the job gets a row: the best option of those the top rows leave out.
+    seen = {c.instance for c in shown}
+    for c in fits[top:]:
+        if c.instance not in seen:
+            seen.add(c.instance)
+            shown.append(c)
+    for c in shown:
+        m = c.memory
         lines.append(
-            f"{c.instance:14} {c.nodes:>5} {c.strategy:13} {c.micro_batch:>3} {c.grad_accum:>4} "
-            f"{'on' if c.activation_checkpointing else 'off':>3} {c.memory.total / GIB:>8.1f} "
-            f"{c.tokens_per_second:>9,.0f} {c.hours:>8.1f} {c.cost_usd:>9,.0f}"
+            f"{c.instance:14} {c.nodes:>5} {c.strategy:13} {c.precision:>5} {c.micro_batch:>3} {c.grad_accum:>4} "
+            f"{'on' if c.activation_checkpointing else 'off':>3} {_gib(m, 'allocated'):>6} {_gib(m, 'reserved'):>6} "
+            f"{_gib(m, 'total'):>6} {c.tokens_per_second:>9,.0f}"
+            + (f" {c.hours:>8.1f} {c.cost_usd:>9,.0f}" if timed else "")
         )
-    if fits:
+    notes = sorted({f"{c.instance}: {c.note}" for c in shown if c.note})
+    lines += [f"note: {n}" for n in notes]
+    if fits and timed:
         fastest = min(fits, key=lambda c: c.hours)
         lines.append(
             f"cheapest: {fits[0].instance} x{fits[0].nodes} {fits[0].strategy}; "
             f"fastest: {fastest.instance} x{fastest.nodes} {fastest.strategy} ({fastest.hours:.1f} h)"
         )
+    elif fits:
+        lines.append(f"most tokens per dollar: {fits[0].instance} x{fits[0].nodes} {fits[0].strategy}")
     else:
         lines.append("nothing fits: see the reasons below")
     rejected = [c for c in plan.candidates if not c.fits]
     if rejected:
-        lines.append(f"rejected ({len(rejected)}):")
+        lines.append(f"rejected ({len(rejected)}), GiB per GPU at the smallest setting tried:")
         for c in rejected[: max(top, 12)]:
-            lines.append(f"  {c.instance} x{c.nodes} {c.strategy}: {c.reason}")
+            lines.append(f"  {c.instance} x{c.nodes} {c.strategy} ({_gib(c.memory, 'total')} GiB): {c.reason}")
         if len(rejected) > max(top, 12):
             lines.append(f"  ... {len(rejected) - max(top, 12)} more (plan.format=json lists all)")
     return "\n".join(lines)
 
 
-def train_overrides(plan: Plan, c: Candidate, base: TrainingSetup) -> List[str]:
-    """Hydra overrides of ft-train for a candidate: every setting the plan's memory figure depends on."""
-    train_precision = "bf16" if base.precision == "pure_bf16" else base.precision
+def train_overrides(plan: Plan, c: Candidate, base: TrainingSetup, model: Sequence[str]) -> List[str]:
+    """Hydra overrides of ft-train for a candidate: every setting the plan's memory figure depends on. `model`
+    selects the model and its planned architecture (write_plan_files)."""
+    train_precision = "bf16" if c.precision == "pure_bf16" else c.precision
     peft = (
         []
         if base.peft == "none"
@@ -79,8 +105,12 @@ def train_overrides(plan: Plan, c: Candidate, base: TrainingSetup) -> List[str]:
         ]
     )
     return [
-        f"model={plan.model}",
-        f"strategy={c.strategy}",
+        *model,
+        *(
+            ["strategy=fsdp", "strategy.cpu_offload=true"]
+            if c.strategy == "fsdp_offload"
+            else [f"strategy={c.strategy}"]
+        ),
         *(peft or ["peft=none"]),
         f"train.micro_batch_size={c.micro_batch}",
         f"train.grad_accum={c.grad_accum}",
@@ -89,7 +119,7 @@ def train_overrides(plan: Plan, c: Candidate, base: TrainingSetup) -> List[str]:
         f"train.loss={base.loss}",
         f"train.offload_activations={'true' if base.offload_activations else 'false'}",
         f"data.max_seq_len={base.seq_len}",
-        f"model.attn_implementation={base.attention}",
+        f"model.attn_implementation={c.attention}",
         f"model.gradient_checkpointing={'true' if c.activation_checkpointing else 'false'}",
         f"model.checkpoint_every={base.checkpoint_every}",
     ]
@@ -103,16 +133,30 @@ def launch_command(c: Candidate, overrides: List[str]) -> str:
     )
 
 
-def write_plan_files(plan: Plan, out_dir: Path, base: TrainingSetup) -> Optional[Path]:
-    """plan.yaml (the overrides, one per line) and launch.sh (the torchrun command) for the cheapest fit."""
+def write_plan_files(
+    plan: Plan, out_dir: Path, base: TrainingSetup, arch: Mapping[str, Any], source_config: Optional[str] = None
+) -> Optional[Path]:
+    """plan.yaml (the overrides, one per line), launch.sh (the torchrun command) for the cheapest fit, and
+    config.json: the architecture exactly as planned (conf/model/'s arch with any command-line overrides), which
+    plan.yaml hands to ft-train as model.config. A plan made from model.config=<dir>/config.json loads <dir>."""
     best = plan.best
     if best is None:
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
-    overrides = train_overrides(plan, best, base)
-    note = "# pure bf16 is planned; ft-train's nearest setting is bf16 mixed\n" if base.precision == "pure_bf16" else ""
+    (out_dir / "config.json").write_text(json.dumps(dict(arch), indent=1) + "\n")
+    model = [f"model.config={(out_dir / 'config.json').resolve()}"]
+    if source_config:
+        model.append(f"model.name_or_path={Path(source_config).expanduser().resolve().parent}")
+    else:
+        model.insert(0, f"model={plan.model}")
+    overrides = train_overrides(plan, best, base, model)
+    note = "# pure bf16 is planned; ft-train's nearest setting is bf16 mixed\n" if best.precision == "pure_bf16" else ""
+    if best.note:
+        note += f"# {best.note}\n"
     (out_dir / "plan.yaml").write_text(
-        f"# ft-plan: {best.instance} x{best.nodes}, {best.hours:.1f} h, ${best.cost_usd:,.0f}\n{note}"
+        f"# ft-plan: {best.instance} x{best.nodes}"
+        + (f", {best.hours:.1f} h, ${best.cost_usd:,.0f}" if plan.total_tokens > 0 else " (memory-only plan)")
+        + f"\n{note}"
         "overrides:\n" + "".join(f"  - {o}\n" for o in overrides)
     )
     (out_dir / "launch.sh").write_text(

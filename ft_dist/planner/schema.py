@@ -7,22 +7,24 @@ from typing import Dict, List, Literal, Optional
 
 from ft_dist.settings import setting
 
-PlanStrategy = Literal["single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"]
+PlanStrategy = Literal[
+    "single", "ddp", "fsdp", "fsdp_offload", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"
+]
 
 
 @dataclass
 class PlanConfig:
     """What to plan. Fields left null are searched over."""
 
-    tokens: float = setting(0.0, positive=True)
-    """Dataset tokens (one epoch); the token budget is tokens x epochs. Required (> 0)."""
+    tokens: float = setting(0.0, non_negative=True)
+    """Dataset tokens (one epoch); the token budget is tokens x epochs. 0: a memory-only plan (no time or cost)."""
     epochs: float = setting(1.0, positive=True)
     instance: Optional[str] = None
     """One catalog instance (e.g. p4d.24xlarge); null: the whole catalog."""
     nodes: Optional[int] = setting(None, positive=True)
     """Number of nodes; null: search 1, 2, 4, 8."""
     strategy: Optional[str] = setting(None, choices=PlanStrategy)
-    """single | ddp | fsdp | zero1 | zero2 | zero3 | zero2_offload | zero3_offload; null: search."""
+    """single | ddp | fsdp | fsdp_offload | zero1 | zero2 | zero3 | zero2_offload | zero3_offload; null: search."""
     peft: str = setting("none", choices=("none", "lora", "qlora"))
     """none | lora | qlora (4-bit NF4 base)."""
     lora_rank: int = setting(16, positive=True)

@@ -11,7 +11,7 @@ PRECISIONS = ("fp32", "fp16", "bf16", "pure_bf16")
 """fp16 / bf16: mixed precision (fp32 master weights); pure_bf16: weights, grads and optimizer states in bf16."""
 OPTIMIZERS = ("adamw", *BNB_OPTIMIZERS, "sgd")
 LOSSES = ("auto", "chunked", "full")
-STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+STRATEGIES = ("single", "ddp", "fsdp", "fsdp_offload", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 PEFT_METHODS = ("none", "lora", "qlora")
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
 
@@ -54,9 +54,14 @@ class TrainingSetup:
         return self.strategy in DEEPSPEED
 
     @property
+    def fsdp(self) -> bool:
+        """FSDP2, with or without CPU offload (strategy.cpu_offload)."""
+        return self.strategy in ("fsdp", "fsdp_offload")
+
+    @property
     def zero_stage(self) -> int:
         """0 for torch-native strategies; FSDP2 full sharding behaves as stage 3."""
-        if self.strategy == "fsdp":
+        if self.fsdp:
             return 3
         return int(self.strategy[4]) if self.deepspeed else 0
 
