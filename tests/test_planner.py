@@ -101,6 +101,11 @@ GRID = [  # (arch, setup): sizes, batch, sequence, checkpointing, full vs LoRA, 
     (LLAMA_GQA, TrainingSetup(precision="pure_bf16", micro_batch=4, seq_len=256, activation_checkpointing=True)),
     (NEOX, TrainingSetup(precision="fp32", micro_batch=2, seq_len=256)),
     (NEOX, TrainingSetup(precision="fp32", micro_batch=2, seq_len=256, peft="lora")),
+    # LoRA's activations by target modules and dropout (each adapted projection keeps a dropped copy of its input).
+    (LLAMA, TrainingSetup(precision="bf16", micro_batch=2, seq_len=256, peft="lora", lora_targets=("q_proj", "v_proj"))),
+    (LLAMA, TrainingSetup(precision="fp32", micro_batch=2, seq_len=256, peft="lora", lora_dropout=0.0)),
+    (LLAMA_GQA, TrainingSetup(precision="bf16", micro_batch=2, seq_len=256, peft="lora", lora_dropout=0.0,
+                              lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"))),
     # The memory savers against their baselines (tests/test_memory_features.py checks they leave the loss alone).
     (LLAMA_32K, TrainingSetup(precision="fp32", micro_batch=2, seq_len=512, loss="full")),
     (LLAMA_32K, TrainingSetup(precision="fp32", micro_batch=2, seq_len=512, loss="chunked", loss_chunk_tokens=128)),

@@ -26,6 +26,7 @@ def run(cfg: PlanRunConfig) -> Optional[int]:
     base = TrainingSetup(
         peft=p.peft,
         lora_rank=p.lora_rank,
+        lora_dropout=p.lora_dropout,
         lora_targets=tuple(p.lora_targets),
         precision=p.precision,
         optimizer=p.optimizer,

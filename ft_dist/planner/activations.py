@@ -7,7 +7,8 @@ sbh(34 + 5as/h) counts the same thing for Megatron's GPT; HF's blocks differ:
   and k, v and the attention output (8q + 8kv), the SwiGLU MLP four I-sized tensors (16 I), SDPA's logsumexp (4 nh).
   Autocast (bf16/fp16 mixed): the residual stream stays fp32 (norms keep 4h + 4h), projections keep a 16-bit cast
   of their input per call, and autocast caches a 16-bit copy of every fp32 weight until backward (2 B/param).
-  LoRA: frozen norm weights keep no normalised copy; PEFT adds r-sized A outputs.
+  LoRA: frozen norm weights keep no normalised copy; PEFT adds r-sized A outputs per adapted projection and, with
+  dropout, the dropped input (compute dtype) and its mask (1 B) per adapted projection.
 Eager attention adds the softmax (nh x s per token, fp32, plus a 16-bit copy in 16-bit modes).
 The loss: the fp32 log-softmax and two fp32 gradients of V per token (see loss_bytes); chunked cross-entropy
 (ft_dist/loss.py) holds that for one chunk of tokens at a time, in forward and in its recompute in backward.
@@ -19,10 +20,10 @@ bench/memory_features.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Dict, Tuple
 
 from ft_dist.config import CHUNKED_LOSS_ARCHS
-from ft_dist.planner.params import Architecture
+from ft_dist.planner.params import Architecture, Linear
 from ft_dist.planner.workload import TrainingSetup
 
 # Bytes per token per block: coefficients of (h, q_dim, kv_dim, intermediate), keyed by (family, mode, lora).
@@ -104,8 +105,17 @@ def block_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
     ch, cq, ckv, ci = _BLOCK_COEFFS[(_family(arch), mode, lora)]
     out = ch * arch.hidden + cq * arch.q_dim + ckv * arch.kv_dim + ci * arch.intermediate
     if lora:
-        targeted = arch.lora_params(1, list(setup.lora_targets)) // arch.layers  # sum of (fan_in + fan_out)
-        out += (4 if mode == "fp32" else 2) * setup.lora_rank * len(arch.block_linears) * (targeted > 0)
+        # The coefficients count every projection adapted (all-linear). A frozen projection keeps nothing for
+        # backward (autograd saves a matmul's input only to compute its weight's gradient), so an input that no
+        # adapted projection reads is not kept. Each adapted projection adds lora_A's r-sized output (kept by
+        # lora_B) and, with dropout, the dropped copy of its input and dropout's 1-byte mask.
+        adapted = arch.targeted(list(setup.lora_targets))
+        b = 4 if mode == "fp32" else 2
+        read = {_input_of(lin) for lin in adapted}
+        out -= b * sum(fan_in for group, fan_in in _inputs(arch).items() if group not in read)
+        out += b * setup.lora_rank * len(adapted)
+        if setup.lora_dropout > 0:
+            out += (b + 1) * sum(lin.fan_in for lin in adapted)
     if setup.attention == "eager":
         scores = arch.heads * setup.seq_len
         out += scores * (4 if mode == "fp32" else 6)
@@ -113,6 +123,25 @@ def block_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
     else:
         out += 4 * arch.heads  # the logsumexp SDPA/flash keep
     return out
+
+
+# Projections that read the same input tensor (PEFT module names of the Llama, GPT-NeoX and GPT-2 blocks).
+_INPUT_GROUPS = {
+    "q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "qkv_proj": "attn", "query_key_value": "attn",
+    "c_attn": "attn", "o_proj": "attn_out", "dense": "attn_out", "attn.c_proj": "attn_out",
+    "gate_proj": "mlp", "up_proj": "mlp", "gate_up_proj": "mlp", "dense_h_to_4h": "mlp", "c_fc": "mlp",
+    "down_proj": "mlp_out", "dense_4h_to_h": "mlp_out", "mlp.c_proj": "mlp_out",
+}  # fmt: skip
+
+
+def _input_of(lin: Linear) -> str:
+    short = lin.name.split(".")[-1]
+    return _INPUT_GROUPS.get(lin.name, _INPUT_GROUPS.get(short, lin.name))
+
+
+def _inputs(arch: Architecture) -> Dict[str, int]:
+    """Each distinct projection input of a block and its width."""
+    return {_input_of(lin): lin.fan_in for lin in arch.block_linears}
 
 
 def _weight_cache_per_block(arch: Architecture, setup: TrainingSetup) -> float:

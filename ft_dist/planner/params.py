@@ -101,10 +101,11 @@ class Architecture:
         return self.layers * sum(lin.fan_in * lin.fan_out for lin in self.block_linears)
 
     def lora_params(self, rank: int, targets: List[str]) -> int:
-        """Trainable LoRA parameters: r x (fan_in + fan_out) per targeted projection (PEFT's A and B, no bias).
+        """Trainable LoRA parameters: r x (fan_in + fan_out) per targeted projection (PEFT's A and B, no bias)."""
+        return self.layers * sum(rank * (lin.fan_in + lin.fan_out) for lin in self.targeted(targets))
 
-        `all-linear` targets every block projection and, like PEFT, leaves out the output head.
-        """
+    def targeted(self, targets: List[str]) -> List[Linear]:
+        """The block projections LoRA adapts. `all-linear`, like PEFT, is every one of them but not the head."""
         chosen = [
             lin
             for lin in self.block_linears
@@ -117,7 +118,7 @@ class Architecture:
                 f"none of {targets} is a projection of {self.model_type}; "
                 f"expected all-linear or some of {', '.join(names)}",
             )
-        return self.layers * sum(rank * (lin.fan_in + lin.fan_out) for lin in chosen)
+        return chosen
 
 
 def hf_config(arch: Mapping[str, Any]) -> Any:

@@ -44,6 +44,8 @@ class Candidate:
     hours: float = math.inf
     cost_usd: float = math.inf
     reason: str = ""
+    setup: Optional[TrainingSetup] = None
+    """The exact setup its memory figure was computed for."""
 
     def as_dict(self) -> Dict[str, object]:
         finite = lambda x: round(x, 4) if math.isfinite(x) else None
@@ -182,6 +184,7 @@ def evaluate(
                 base.precision,
                 base.attention,
                 note,
+                setup=setup,
             )
             # `smallest` is only ever a candidate built here, with its memory estimate
             if smallest is None or mem.total < cast(MemoryBreakdown, smallest.memory).total:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence, cast
+
+import yaml
 
 from ft_dist.cluster.command_line import Rendezvous, shell_line, training_command
 from ft_dist.planner.api import Plan
@@ -102,6 +105,7 @@ def train_overrides(plan: Plan, c: Candidate, base: TrainingSetup, model: Sequen
             f"peft={base.peft}",
             f"peft.r={base.lora_rank}",
             f"peft.target_modules=[{','.join(base.lora_targets)}]",
+            f"peft.dropout={base.lora_dropout}",
         ]
     )
     return [
@@ -117,6 +121,7 @@ def train_overrides(plan: Plan, c: Candidate, base: TrainingSetup, model: Sequen
         f"train.precision={train_precision}",
         f"train.optimizer={base.optimizer}",
         f"train.loss={base.loss}",
+        f"train.loss_chunk_tokens={base.loss_chunk_tokens}",
         f"train.offload_activations={'true' if base.offload_activations else 'false'}",
         f"data.max_seq_len={base.seq_len}",
         f"model.attn_implementation={c.attention}",
@@ -146,18 +151,22 @@ def write_plan_files(
     (out_dir / "config.json").write_text(json.dumps(dict(arch), indent=1) + "\n")
     model = [f"model.config={(out_dir / 'config.json').resolve()}"]
     if source_config:
-        model.append(f"model.name_or_path={Path(source_config).expanduser().resolve().parent}")
+        # The weights beside the config.json, loaded (not a random init of the architecture).
+        model += [f"model.name_or_path={Path(source_config).expanduser().resolve().parent}", "model.from_config=false"]
     else:
         model.insert(0, f"model={plan.model}")
     overrides = train_overrides(plan, best, base, model)
     note = "# pure bf16 is planned; ft-train's nearest setting is bf16 mixed\n" if best.precision == "pure_bf16" else ""
     if best.note:
         note += f"# {best.note}\n"
+    # `planned`: the setup the memory figure was computed for, field by field (the overrides above reproduce it;
+    # ft_dist/planner/run_setup.py reads the same fields back from a run's config).
+    planned = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cast(TrainingSetup, best.setup)).items()}
     (out_dir / "plan.yaml").write_text(
         f"# ft-plan: {best.instance} x{best.nodes}"
         + (f", {best.hours:.1f} h, ${best.cost_usd:,.0f}" if plan.total_tokens > 0 else " (memory-only plan)")
         + f"\n{note}"
-        "overrides:\n" + "".join(f"  - {o}\n" for o in overrides)
+        + yaml.safe_dump({"overrides": overrides, "planned": planned}, sort_keys=False, width=1000)
     )
     (out_dir / "launch.sh").write_text(
         "#!/bin/bash\n# run on every node; MASTER_ADDR = the first node\n" + launch_command(best, overrides) + "\n"

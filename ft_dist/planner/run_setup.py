@@ -39,6 +39,7 @@ def setup_of(
         peft=peft,
         lora_rank=cfg.peft.r if peft != "none" else TrainingSetup.lora_rank,
         lora_targets=tuple(cfg.peft.target_modules) if peft != "none" else TrainingSetup.lora_targets,
+        lora_dropout=cfg.peft.dropout if peft != "none" else TrainingSetup.lora_dropout,
         precision=cfg.train.precision,
         optimizer=cfg.train.optimizer,
         strategy=strategy_name(cfg),

@@ -29,6 +29,8 @@ class PlanConfig:
     """none | lora | qlora (4-bit NF4 base)."""
     lora_rank: int = setting(16, positive=True)
     lora_targets: List[str] = field(default_factory=lambda: ["all-linear"])
+    lora_dropout: float = setting(0.05, non_negative=True)
+    """peft.dropout: above 0 each adapted projection keeps a dropped copy of its input for backward."""
     precision: str = setting("bf16", choices=("fp32", "fp16", "bf16", "pure_bf16"))
     """fp32 | fp16 | bf16 (mixed, fp32 master weights) | pure_bf16."""
     optimizer: str = setting("adamw", choices=("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "sgd"))

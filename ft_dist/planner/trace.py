@@ -97,7 +97,7 @@ def build_model(arch: Mapping[str, Any], setup: TrainingSetup) -> Any:
             LoraConfig(
                 r=setup.lora_rank,
                 lora_alpha=2 * setup.lora_rank,
-                lora_dropout=0.0,
+                lora_dropout=setup.lora_dropout,
                 target_modules=targets,
                 task_type="CAUSAL_LM",
             ),

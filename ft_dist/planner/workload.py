@@ -25,6 +25,8 @@ class TrainingSetup:
     peft: str = "none"
     lora_rank: int = 16
     lora_targets: Tuple[str, ...] = ("all-linear",)
+    lora_dropout: float = 0.05
+    """peft.dropout (ft-train's default): above 0 every adapted projection saves its dropped input and the mask."""
     precision: str = "bf16"
     optimizer: str = "adamw"
     strategy: str = "single"
