@@ -83,7 +83,7 @@ def _family(arch: Architecture) -> str:
 
 def chunked_loss(arch: Architecture, setup: TrainingSetup) -> bool:
     """Whether the run computes chunked cross-entropy (train.loss=auto picks it where it is exact)."""
-    return setup.loss == "chunked" or (setup.loss == "auto" and arch.model_type in CHUNKED_LOSS_ARCHS)
+    return setup.loss in ("chunked", "fused") or (setup.loss == "auto" and arch.model_type in CHUNKED_LOSS_ARCHS)
 
 
 def loss_bytes(arch: Architecture, setup: TrainingSetup) -> float:
@@ -92,6 +92,8 @@ def loss_bytes(arch: Architecture, setup: TrainingSetup) -> float:
     Chunked: one chunk in flight, and from the second chunk on the head's weight gradient of the chunk is a new
     tensor before it is added to the accumulated one (when the head trains)."""
     tokens = setup.tokens_per_micro_batch
+    if setup.loss == "full_16bit":  # log-softmax and both gradients in the compute dtype: no fp32 upcast
+        return tokens * arch.vocab * 3.0 * setup.compute_bytes
     if not chunked_loss(arch, setup) or setup.loss_chunk_tokens >= tokens:
         return tokens * arch.vocab * 12.0
     head_grad = arch.vocab * arch.hidden * 4 if setup.peft == "none" else 0

@@ -10,7 +10,9 @@ from ft_dist.config import BNB_OPTIMIZERS
 PRECISIONS = ("fp32", "fp16", "bf16", "pure_bf16")
 """fp16 / bf16: mixed precision (fp32 master weights); pure_bf16: weights, grads and optimizer states in bf16."""
 OPTIMIZERS = ("adamw", *BNB_OPTIMIZERS, "sgd")
-LOSSES = ("auto", "chunked", "full")
+LOSSES = ("auto", "chunked", "full", "fused", "full_16bit")
+"""ft-train's (auto, chunked, full), and two other stacks use, for planning their runs (bench/planner_validation.py):
+fused linear cross-entropy (Liger, Cut Cross-Entropy) and a loss in the compute dtype with no fp32 upcast."""
 STRATEGIES = ("single", "ddp", "fsdp", "fsdp_offload", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 PEFT_METHODS = ("none", "lora", "qlora")
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
@@ -41,7 +43,8 @@ class TrainingSetup:
     offload_activations: bool = False
     """Saved activations wait in host memory (train.offload_activations)."""
     loss: str = "auto"
-    """auto | chunked | full (train.loss): chunked never holds more than `loss_chunk_tokens` tokens of logits."""
+    """auto | chunked | full (train.loss): chunked never holds more than `loss_chunk_tokens` tokens of logits;
+    fused | full_16bit: other stacks' losses (LOSSES)."""
     loss_chunk_tokens: int = 1024
     attention: str = "sdpa"
     device: str = "cuda"
