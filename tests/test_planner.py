@@ -104,6 +104,7 @@ GRID = [  # (arch, setup): sizes, batch, sequence, checkpointing, full vs LoRA, 
     # LoRA's activations by target modules and dropout (each adapted projection keeps a dropped copy of its input).
     (LLAMA, TrainingSetup(precision="bf16", micro_batch=2, seq_len=256, peft="lora", lora_targets=("q_proj", "v_proj"))),
     (LLAMA, TrainingSetup(precision="fp32", micro_batch=2, seq_len=256, peft="lora", lora_dropout=0.0)),
+    (LLAMA, TrainingSetup(precision="pure_bf16", micro_batch=2, seq_len=256, peft="lora")),  # fp32 adapters, bf16 base
     (LLAMA_GQA, TrainingSetup(precision="bf16", micro_batch=2, seq_len=256, peft="lora", lora_dropout=0.0,
                               lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"))),
     # The memory savers against their baselines (tests/test_memory_features.py checks they leave the loss alone).
@@ -324,3 +325,18 @@ def test_cli_zero3_model_states_equal_deepspeed_for_the_real_model(capsys):
     _, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=8, num_nodes=2,
                                                       cpu_offload=False)
     assert data["best"]["model_states_bytes_per_gpu"] == pytest.approx(gpu, abs=4)
+
+
+def test_planner_matches_published_gpu_peaks():
+    """bench/planner_validation.py's acceptance, kept from regressing: the planner against published, measured
+    peaks (bench/planner_points.yaml, each with its source): median |error| <= 10 %, >= 70 % of points within
+    +-10 %, and none beyond +-35 % without a named cause."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import planner_validation as pv
+
+    points = yaml.safe_load(pv.POINTS.read_text())
+    used = [p for p in points if not p.get("excluded")]
+    assert len(used) >= 25 and all(p.get("url") and p.get("quote") for p in used)
+    summary = pv.summary(pv.evaluate(used))
+    assert summary["median_abs_error"] <= 0.10 and summary["within_10pct"] >= 0.70, summary
+    assert summary["beyond_35pct_without_cause"] == [], summary

@@ -114,10 +114,18 @@ def block_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
         adapted = arch.targeted(list(setup.lora_targets))
         b = 4 if mode == "fp32" else 2
         read = {_input_of(lin) for lin in adapted}
+        if setup.peft == "qlora" and setup.qlora_keeps_inputs:
+            read = set(_inputs(arch))
         out -= b * sum(fan_in for group, fan_in in _inputs(arch).items() if group not in read)
-        out += b * setup.lora_rank * len(adapted)
-        if setup.lora_dropout > 0:
-            out += (b + 1) * sum(lin.fan_in for lin in adapted)
+        fan_in = sum(lin.fan_in for lin in adapted)
+        if mode == "pure" and setup.lora_fp32 and not setup.deepspeed and not setup.fsdp:
+            # fp32 adapters over a bf16 base, no autocast: PEFT casts each adapted projection's input to fp32, and
+            # lora_A keeps that copy (or, with dropout, the dropped copy and the mask).
+            out += (5 if setup.lora_dropout > 0 else 4) * fan_in + 4 * setup.lora_rank * len(adapted)
+        else:
+            out += b * setup.lora_rank * len(adapted) + ((b + 1) * fan_in if setup.lora_dropout > 0 else 0)
+        if setup.peft == "qlora" and setup.qlora_upcast and mode != "fp32":
+            out += 4 * arch.hidden  # the fp32 embeddings and norms keep the residual stream (both norms' inputs) fp32
     if setup.attention == "eager":
         scores = arch.heads * setup.seq_len
         out += scores * (4 if mode == "fp32" else 6)
@@ -163,7 +171,8 @@ def activation_phases(arch: Architecture, setup: TrainingSetup) -> ActivationPha
     cache = _weight_cache_per_block(arch, setup)
     final_norm = _FINAL_NORM[(mode, lora)] * arch.hidden * t
     rotary = 2 * arch.head_dim * t * (4 if mode != "pure" else 2) if arch.family != "gpt2" else 0
-    residual_bytes = 4 if (mode == "fp32" or (mode == "mixed" and not lora)) else 2
+    upcast = setup.peft == "qlora" and setup.qlora_upcast
+    residual_bytes = 4 if (mode == "fp32" or (mode == "mixed" and not lora) or upcast) else 2
     if setup.activation_checkpointing:
         # A checkpointed block keeps only its input through forward; backward recomputes one block at a time.
         # Selective: blocks 0, k, 2k, ... recompute, the others keep everything.

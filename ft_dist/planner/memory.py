@@ -120,13 +120,14 @@ def _frozen_weight_bytes(arch: Architecture, setup: TrainingSetup) -> float:
     if setup.peft == "qlora":
         quantized = arch.linear_params_in_blocks
         # PEFT's prepare_model_for_kbit_training upcasts the rest (embeddings, norms, head) to fp32.
-        return quantized * NF4_BYTES_PER_PARAM + (frozen - quantized) * 4
+        rest = 4 if setup.qlora_upcast or setup.precision == "fp32" else 2
+        return quantized * NF4_BYTES_PER_PARAM + (frozen - quantized) * rest
     return frozen * (4 if setup.precision == "fp32" else 2)
 
 
 def _optimizer_state_bytes(setup: TrainingSetup, weight_bytes: int) -> float:
     """Bytes of optimizer state per trainable parameter (torch keeps states in the parameter's dtype)."""
-    if setup.optimizer == "adamw":
+    if setup.optimizer in ("adamw", "adamw_foreach"):
         return 2 * weight_bytes
     if setup.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
         return 2 * (1 + 4 / 2048)  # bitsandbytes: two uint8 moments + an fp32 absmax per 2048-element block
@@ -143,7 +144,7 @@ def model_states(arch: Architecture, setup: TrainingSetup) -> ModelStates:
     trainable = trainable_params(arch, setup)
     # Torch-native: trainable weights stay fp32 under autocast; pure bf16 stores them in bf16. PEFT keeps LoRA
     # adapters in fp32 whatever the base dtype (autocast_adapter_dtype=True).
-    w = 2 if setup.precision == "pure_bf16" and setup.peft == "none" else 4
+    w = 2 if setup.precision == "pure_bf16" and (setup.peft == "none" or not setup.lora_fp32) else 4
     params = trainable * w + _frozen_weight_bytes(arch, setup)
     grads = trainable * w
     optimizer = trainable * _optimizer_state_bytes(setup, w)
@@ -219,7 +220,8 @@ def _optimizer_temp_bytes(arch: Architecture, setup: TrainingSetup, states: Mode
     if setup.optimizer == "sgd" or setup.offload:
         return 0.0
     if setup.device == "cuda":
-        return states.grads if not setup.deepspeed else 0.0  # DeepSpeed's FusedAdam works in place
+        # ft-train's AdamW is fused on GPU and DeepSpeed's FusedAdam works in place: no temporaries.
+        return states.grads if setup.optimizer == "adamw_foreach" else 0.0
     if setup.peft != "none":
         return 0.0
     return arch.vocab * arch.hidden * 4

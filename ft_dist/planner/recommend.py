@@ -128,7 +128,7 @@ def _too_big(m: MemoryBreakdown, usable: float, host_limit: float) -> str:
     if m.total > usable:
         return (
             f"{m.total / GIB:.1f} GiB per GPU > {usable / GIB:.1f} GiB usable; "
-            f"largest term {m.largest_term()} {getattr(m, m.largest_term()) / GIB:.1f} GiB"
+            f"largest term {m.largest_term()} {getattr(m, m.largest_term()) / GIB:.1f} GiB at {m.peak_phase}"
         )
     return f"{m.host_ram / 1e9:.0f} GB host RAM per node > {host_limit / 1e9:.0f} GB"
 

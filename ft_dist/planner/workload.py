@@ -9,7 +9,9 @@ from ft_dist.config import BNB_OPTIMIZERS
 
 PRECISIONS = ("fp32", "fp16", "bf16", "pure_bf16")
 """fp16 / bf16: mixed precision (fp32 master weights); pure_bf16: weights, grads and optimizer states in bf16."""
-OPTIMIZERS = ("adamw", *BNB_OPTIMIZERS, "sgd")
+OPTIMIZERS = ("adamw", *BNB_OPTIMIZERS, "sgd", "adamw_foreach")
+"""adamw is ft-train's (fused on GPU: no temporaries); adamw_foreach is torch's default elsewhere (HF Trainer's
+adamw_torch), whose step materialises a gradient-sized temporary: for planning other stacks' runs."""
 LOSSES = ("auto", "chunked", "full", "fused", "full_16bit")
 """ft-train's (auto, chunked, full), and two other stacks use, for planning their runs (bench/planner_validation.py):
 fused linear cross-entropy (Liger, Cut Cross-Entropy) and a loss in the compute dtype with no fp32 upcast."""
@@ -28,6 +30,14 @@ class TrainingSetup:
     lora_rank: int = 16
     lora_targets: Tuple[str, ...] = ("all-linear",)
     lora_dropout: float = 0.05
+    lora_fp32: bool = True
+    """PEFT keeps adapters in fp32 over a 16-bit base (autocast_adapter_dtype); torchtune keeps them 16-bit."""
+    qlora_upcast: bool = True
+    """QLoRA: PEFT's prepare_model_for_kbit_training upcasts the non-quantized weights (embeddings, norms, head)
+    to fp32, which also keeps the residual stream in fp32 (ft-train does this); torchtune does not."""
+    qlora_keeps_inputs: bool = False
+    """Older bitsandbytes releases' MatMul4Bit kept each 4-bit projection's input for backward (ctx.tensors =
+    (A, B)); 0.50 keeps none (None, B). For planning runs made with those releases."""
     """peft.dropout (ft-train's default): above 0 every adapted projection saves its dropped input and the mask."""
     precision: str = "bf16"
     optimizer: str = "adamw"
