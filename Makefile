@@ -27,8 +27,9 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check ft_dist
 	$(PY) -m mypy
 
+# --durations: every CI log names its slowest tests, so the suite's time budget (well under 60 min) can be kept.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) .cache runs multirun .mypy_cache .ruff_cache

@@ -46,8 +46,9 @@ def arch_of(point: Dict[str, Any]) -> Dict[str, Any]:
 
 def setup_of(point: Dict[str, Any]) -> TrainingSetup:
     fields = dict(point["setup"])
-    if "lora_targets" in fields:
-        fields["lora_targets"] = tuple(fields["lora_targets"])
+    for key in ("lora_targets", "ds_bucket_elems"):
+        if key in fields:
+            fields[key] = tuple(fields[key])
     known = TrainingSetup.__dataclass_fields__
     unknown = sorted(set(fields) - set(known))
     if unknown:

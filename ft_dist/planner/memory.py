@@ -209,6 +209,8 @@ def comm_buffer_bytes(arch: Architecture, setup: TrainingSetup) -> float:
         unit = max(arch.block_params, arch.vocab * arch.hidden)
         return 2 * unit * c + unit * 4
     cap, buckets = arch.total_params, ds_buckets(arch.hidden)
+    if setup.ds_bucket_elems is not None:
+        buckets = dict(zip(("reduce", "allgather", "prefetch"), setup.ds_bucket_elems))
     if setup.zero_stage == 3:
         return (min(buckets["prefetch"], cap) + min(buckets["reduce"], cap)) * c
     return (min(buckets["reduce"], trainable) + min(buckets["allgather"], cap)) * c

@@ -171,21 +171,9 @@ def evaluate(
             )
             mem = estimate_memory(arch, setup, overhead)
             cand = Candidate(
-                inst.name,
-                nodes,
-                inst.gpus,
-                strategy,
-                mb,
-                accum,
-                ac,
-                False,
-                mem,
-                usable,
-                base.precision,
-                base.attention,
-                note,
-                setup=setup,
-            )
+                inst.name, nodes, inst.gpus, strategy, mb, accum, ac, fits=False, memory=mem, usable_bytes=usable,
+                precision=base.precision, attention=base.attention, note=note, setup=setup,
+            )  # fmt: skip
             # `smallest` is only ever a candidate built here, with its memory estimate
             if smallest is None or mem.total < cast(MemoryBreakdown, smallest.memory).total:
                 smallest = cand

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Tuple
+from typing import Optional, Tuple
 
 from ft_dist.config import BNB_OPTIMIZERS
 
@@ -57,6 +57,9 @@ class TrainingSetup:
     fused | full_16bit: other stacks' losses (LOSSES)."""
     loss_chunk_tokens: int = 1024
     attention: str = "sdpa"
+    ds_bucket_elems: Optional[Tuple[float, float, float]] = None
+    """DeepSpeed's reduce, all-gather and ZeRO-3 prefetch bucket sizes in elements; None: what ft-dist configures
+    (hidden^2, hidden^2, 0.9 hidden^2). DeepSpeed's own defaults are (5e8, 5e8, 5e7)."""
     device: str = "cuda"
     """cuda: add the GPU-only terms (CUDA context, allocator, NCCL); cpu: tensor bytes only (checks vs MemTracker)."""
 
