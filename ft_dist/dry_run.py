@@ -42,7 +42,7 @@ from ft_dist.optim import build_optimizer
 from ft_dist.planner.activations import activation_phases
 from ft_dist.planner.memory import estimate_memory, model_states
 from ft_dist.planner.params import architecture
-from ft_dist.planner.workload import TrainingSetup
+from ft_dist.planner.run_setup import setup_of
 from ft_dist.strategies import build_strategy
 
 GIB = 2**30
@@ -141,27 +141,7 @@ def planner_setup(cfg: RunConfig) -> Any:
     """The planner's TrainingSetup for exactly this run (tensor bytes only: device=cpu, no CUDA terms)."""
 
     dr = cfg.dry_run
-    strategy = _strategy_name(cfg)
-    return TrainingSetup(
-        peft=cfg.peft.method,
-        lora_rank=cfg.peft.r,
-        lora_targets=tuple(cfg.peft.target_modules),
-        precision=cfg.train.precision,
-        optimizer=cfg.train.optimizer,
-        strategy=strategy,
-        nodes=max(1, dr.world_size // dr.gpus_per_node),
-        gpus_per_node=min(dr.gpus_per_node, dr.world_size),
-        micro_batch=cfg.train.micro_batch_size,
-        seq_len=cfg.data.max_seq_len,
-        grad_accum=cfg.train.grad_accum,
-        activation_checkpointing=cfg.model.gradient_checkpointing,
-        checkpoint_every=cfg.model.checkpoint_every,
-        offload_activations=cfg.train.offload_activations,
-        loss=cfg.train.loss,
-        loss_chunk_tokens=cfg.train.loss_chunk_tokens,
-        attention=cfg.model.attn_implementation,
-        device="cpu",
-    )
+    return setup_of(cfg, dr.world_size, min(dr.gpus_per_node, dr.world_size), device="cpu")
 
 
 def simulate(cfg: RunConfig) -> Dict[str, Any]:
