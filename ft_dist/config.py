@@ -64,7 +64,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off unless you trust the repository."""
     attn_implementation: str = setting("sdpa", choices=Attention)
-    """sdpa | eager | flash_attention_2."""
+    """sdpa | eager | flash_attention_2 (the `flash-attn` package, CUDA only; training batches are then laid out
+    padding-free, one row per micro-batch, for its variable-length kernels)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more compute."""
     checkpoint_every: int = setting(1, positive=True)
@@ -133,7 +134,14 @@ class TrainConfig:
     """How often each rank writes its heartbeat (and rank 0 checks them)."""
     seed: int = 42
     num_workers: int = setting(0, non_negative=True, identity=False)
-    """DataLoader worker processes."""
+    """DataLoader worker processes that collate the next steps' batches (0: one background thread does it). The
+    data order is the sampler's either way."""
+    compile: bool = setting(False, identity=False)
+    """torch.compile each transformer block (single, DDP, FSDP2): the first steps pay the compile, later ones run
+    fused kernels."""
+    peak_tflops: float = setting(0.0, non_negative=True, identity=False)
+    """Dense peak TFLOP/s of one device, for MFU. 0: the planner catalog's figure for the GPU the run is on (no
+    MFU on CPU, which has no catalog figure; set it to get one)."""
 
 
 @dataclass
@@ -307,6 +315,21 @@ def validate(cfg: RunConfig) -> None:
             f"states {'FSDP2' if sc.name == 'fsdp' else 'ZeRO'} shards, or strategy=ddp or single to keep "
             f"{cfg.train.optimizer}",
         )
+    if cfg.train.compile and sc.name == "deepspeed":
+        raise ConfigError(
+            "train.compile",
+            "torch.compile per block runs under single, DDP and FSDP2; DeepSpeed's engine hooks every parameter, "
+            "so use strategy=fsdp (the same sharding as ZeRO-3) or train.compile=false",
+        )
+    if cfg.model.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError(
+                "model.attn_implementation",
+                "flash_attention_2 needs the flash-attn package (pip install flash-attn, on a CUDA machine); "
+                "use sdpa, which needs nothing",
+            )
     dr = getattr(cfg, "dry_run", None)
     if dr is not None and dr.world_size:
         validate_dry_run(cfg)

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -166,6 +166,26 @@ def all_reduce_sum(values: List[float]) -> List[float]:
     _entering("all_reduce_sum")
     t = torch.tensor(values, dtype=torch.float64, device=_WORLD.device)
     dist.all_reduce(t)
+    return t.tolist()
+
+
+def step_sums(on_device: List[torch.Tensor], on_host: List[float], kept: Optional[torch.Tensor] = None) -> List[float]:
+    """A training step's figures summed over all ranks and read on the host in ONE device-to-host copy.
+
+    `on_device` (e.g. the loss) are summed where they are, with no read before the all-reduce; `on_host` (token
+    counts, stop/save requests) go up through pinned memory without blocking; `kept` (e.g. the gradient norm, already
+    global) rides along unsummed. The `.tolist()` at the end is the step's only host sync.
+    """
+    device = on_device[0].device
+    host = torch.tensor(on_host, dtype=torch.float64)
+    if device.type == "cuda":
+        host = host.pin_memory()  # a pageable host-to-device copy would wait for the GPU to drain
+    t = torch.cat([torch.stack([v.to(torch.float64) for v in on_device]), host.to(device, non_blocking=True)])
+    if dist.is_initialized():
+        _entering("step_sums")
+        dist.all_reduce(t)
+    if kept is not None:
+        t = torch.cat([t, kept.reshape(1).to(torch.float64)])
     return t.tolist()
 
 

@@ -5,6 +5,10 @@ backward with gradient sync only on the last micro-batch, then let the strategy 
 micro-batch is a sum over its response tokens divided by the token count of the whole global batch, so the
 step's loss and gradient are the exact per-token mean over the global batch, however it is split over ranks and
 accumulation steps.
+
+A step reads the device once: the loss and gradient norm stay on the device until the step's one all-reduce, whose
+result (with the token counts and every rank's stop/save requests) is the only thing copied back to the host. The
+batches were collated ahead by the data loader (ft_dist/data/loader.py) and go up without blocking.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import torch
 from ft_dist import dist, hooks
 from ft_dist.checkpoint import CHECKPOINTS, CheckpointManager
 from ft_dist.config import TrainConfig
-from ft_dist.data.batching import GlobalBatchSampler, collate, count_real_tokens, examples_from_rows, to_device
+from ft_dist.data.batching import GlobalBatchSampler, to_device
+from ft_dist.data.loader import StepDataset, step_batches
 from ft_dist.data.prepare import PreparedData
 from ft_dist.errors import TrainingDiverged
 from ft_dist.eval.loss import evaluate_loss
+from ft_dist.flops import TrainingFlops, peak_flops, training_flops
 from ft_dist.optim import build_scheduler
 from ft_dist.phase_memory import PhaseMemory
 from ft_dist.strategies.base import Strategy
@@ -83,13 +89,15 @@ class _NonfiniteGuard:
         self.in_a_row = 0
         self.skipped = 0
 
-    def update(self, loss: float, max_grad_norm: float) -> float:
-        """The optimizer step for this loss (skipped when it is not finite); the gradient norm (NaN if skipped)."""
-        if math.isfinite(loss):
-            return self.strategy.step(max_grad_norm)
+    def update(self, loss: float, norm: Optional[float]) -> float:
+        """Apply the step unless its loss or gradient norm is NaN/Inf (the update is then dropped); returns the
+        gradient norm (from the engine where it clips inside its step, NaN if it never stepped)."""
+        if math.isfinite(loss) and (norm is None or math.isfinite(norm)):
+            seen = self.strategy.step(apply=True)
+            return seen if seen is not None else norm if norm is not None else float("nan")
         if self.strategy.can_skip_steps:
-            self.strategy.skip_step()
-        return float("nan")
+            self.strategy.step(apply=False)
+        return float("nan") if norm is None else norm
 
     def check(self, done: int, loss: float, grad_norm: float) -> bool:
         """Whether step `done` updated the weights; raises TrainingDiverged at the limit."""
@@ -116,24 +124,50 @@ class _NonfiniteGuard:
 
 
 class _Throughput:
-    """Tokens per second over the steps since the last log line, and the ETA from this attempt's rate."""
+    """Tokens/s, TFLOP/s and MFU per device over the steps since the last log line, and the ETA from this
+    attempt's rate. FLOPs are the model's (ft_dist/flops.py): non-pad tokens, each sequence's own attention span."""
 
-    def __init__(self, start_step: int, steps: int) -> None:
-        self.start_step, self.steps = start_step, steps
+    def __init__(self, start_step: int, steps: int, flops: TrainingFlops, peak: Optional[float], world: int) -> None:
+        self.start_step, self.steps, self.flops, self.peak, self.world = start_step, steps, flops, peak, world
         self.start = self.window_start = time.time()
-        self.window_tokens = 0.0
+        self.window_tokens = self.window_flops = 0.0
+        self.last: Dict[str, float] = {}
 
-    def add(self, tokens: float) -> None:
+    def add(self, tokens: float, seq_sq: float) -> None:
         self.window_tokens += tokens
+        self.window_flops += self.flops.step(tokens, seq_sq)
 
     def take(self, done: int) -> Dict[str, float]:
         now = time.time()
+        seconds = max(now - self.window_start, 1e-9)
+        flops_per_s = self.window_flops / seconds / self.world
         rates = {
-            "tokens_per_s": self.window_tokens / max(now - self.window_start, 1e-9),
+            "tokens_per_s": self.window_tokens / seconds,
+            "tokens_per_s_per_gpu": self.window_tokens / seconds / self.world,
+            "tflops_per_gpu": flops_per_s / 1e12,
+            **({"mfu": flops_per_s / self.peak} if self.peak else {}),
             "eta_s": (now - self.start) / (done - self.start_step) * (self.steps - done),
         }
-        self.window_tokens, self.window_start = 0.0, now
+        self.window_tokens = self.window_flops = 0.0
+        self.window_start = now
+        self.last = rates
         return rates
+
+    def postfix(self) -> Dict[str, str]:
+        """What the progress bar shows beside loss and lr, from the last log line."""
+        if not self.last:
+            return {}
+        shown = {"tok/s/gpu": f"{self.last['tokens_per_s_per_gpu']:.0f}"}
+        if "mfu" in self.last:
+            shown["mfu"] = f"{100 * self.last['mfu']:.1f}%"
+        return shown
+
+
+def memory_metrics(device: torch.device) -> Dict[str, float]:
+    """Peak memory beside the throughput: allocated and reserved GiB on a GPU, the process's max RSS on a CPU."""
+    if device.type != "cuda":
+        return {"memory_gb": memory_gb(device)}
+    return {"memory_gb": memory_gb(device), "memory_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
 
 
 def train_loop(
@@ -147,6 +181,7 @@ def train_loop(
     extra_eval: Optional[Callable[[], Dict[str, float]]] = None,
     memory: Optional[PhaseMemory] = None,
     progress: Callable[..., None] = lambda phase, step=None: None,
+    padding_free: bool = False,
 ) -> LoopResult:
     """Train for `tc`'s steps; `extra_eval` adds metrics (e.g. a generation sample) at each periodic eval.
 
@@ -154,6 +189,7 @@ def train_loop(
     is told where the rank is between units of work (the hang watchdog's heartbeat). `checkpoints` resumes the
     run and decides when to save: every `train.save_every` steps / `train.save_minutes` minutes, and at the first
     step boundary after a preemption signal on any rank, after which the result says `preempted` (exit 85).
+    `padding_free` lays each micro-batch out as one row for flash-attention's variable-length kernels.
 
     Over 80 lines on purpose: this is the one loop every strategy runs, and a step reads top to bottom here
     (data, forward/backward, the one all-reduce, update, log, eval, checkpoint); what is not the step itself is
@@ -163,7 +199,6 @@ def train_loop(
     sampler = GlobalBatchSampler(len(data.train), tc.micro_batch_size, tc.grad_accum, world.size, world.rank, tc.seed)
     steps = total_steps(tc, sampler.steps_per_epoch)
     scheduler = build_scheduler(strategy.optimizer, tc, steps)
-    num_loss_tokens = data.train["num_loss_tokens"]
     result = LoopResult(steps=steps)
     memory = memory or PhaseMemory(world.device)
     checkpoints.bind(strategy, scheduler, sampler.global_batch, memory, progress)
@@ -174,56 +209,68 @@ def train_loop(
     )
     strategy.model.train()
     tracker.start_progress(steps, initial=start_step)
-    guard, throughput = _NonfiniteGuard(tc, strategy, checkpoints), _Throughput(start_step, steps)
-    for step in range(start_step, steps):
-        done = step + 1
-        progress("data", done)
-        # Every rank can count the global batch's loss tokens from the precomputed column: no communication.
-        n_global = sum(num_loss_tokens[i] for i in sampler.global_indices(step))
-        cpu_batches = [collate(examples_from_rows(data.train[rows]), pad_id) for rows in sampler.micro_batches(step)]
-        with memory.phase("train"):
-            progress("forward/backward", done)
-            batches = [to_device(b, world.device) for b in cpu_batches]
-            poison = any(hooks.fire("nan_loss", step=done, rank=world.rank))
-            loss_sum = float(forward_backward(strategy, batches, n_global, poison=poison))
-            progress("loss all-reduce and optimizer step", done)
-            # One all-reduce per step carries the loss, the token count and every rank's stop/save requests.
-            tokens = float(sum(count_real_tokens(b) for b in cpu_batches))
-            flags = [float(dist.preemption_signalled()), float(checkpoints.due_by_time())]
-            loss, tokens, preempt, due = dist.all_reduce_sum([loss_sum, tokens, *flags])
-            grad_norm = guard.update(loss, tc.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        if guard.check(done, loss, grad_norm):
-            scheduler.step()
-        result.skipped_steps = guard.skipped
-        result.train_losses.append(loss)
-        result.tokens += int(tokens)
-        throughput.add(tokens)
-        tracker.advance(1, {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"})
-        if done % tc.log_every == 0 or done == steps:
-            metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **throughput.take(done)}
-            tracker.log(done, {**metrics, "elapsed_s": tracker.elapsed(), "memory_gb": memory_gb(world.device)})
-        progress("after step", done)
-        hooks.fire("after_step", step=done, rank=world.rank)
-        if (tc.eval_every and done % tc.eval_every == 0) or done == steps:
-            progress("eval", done)
-            with memory.phase("eval"):
-                ev = evaluate_loss(
-                    strategy, data.test, pad_id, eval_batch_size, tc.eval_batches if done != steps else 0
+    peak = peak_flops(world.device, tc.precision, tc.peak_tflops)
+    throughput = _Throughput(start_step, steps, training_flops(strategy.unwrapped()), peak, world.size)
+    guard = _NonfiniteGuard(tc, strategy, checkpoints)
+    # Collated ahead, in the sampler's order: the data a step sees does not depend on when it was collated.
+    dataset = StepDataset(data.train, sampler, pad_id, flatten=padding_free)
+    pipeline = step_batches(dataset, range(start_step, steps), tc.num_workers, pin=world.device.type == "cuda")
+    try:
+        for step in range(start_step, steps):
+            done = step + 1
+            progress("data", done)
+            ahead = next(pipeline)
+            assert ahead.step == step, f"data pipeline out of order: got step {ahead.step} for step {step}"
+            with memory.phase("train"):
+                progress("forward/backward", done)
+                batches = [to_device(b, world.device) for b in ahead.batches]
+                poison = any(hooks.fire("nan_loss", step=done, rank=world.rank))
+                loss_on_device = forward_backward(strategy, batches, ahead.n_global, poison=poison)
+                norm_on_device = strategy.clip_gradients(tc.max_grad_norm)
+                progress("loss all-reduce and optimizer step", done)
+                # The step's one host sync: one all-reduce carries the loss, the token counts and every rank's stop/save
+                # requests, and the (already global) gradient norm rides along, so the update is decided on the host.
+                flags = [float(dist.preemption_signalled()), float(checkpoints.due_by_time())]
+                loss, tokens, seq_sq, preempt, due, *norm = dist.step_sums(
+                    [loss_on_device], [float(ahead.tokens), float(ahead.seq_sq), *flags], kept=norm_on_device
                 )
-                if extra_eval is not None and done != steps:
-                    ev.update(extra_eval())
-            result.eval_history.append({**ev, "step": done})
-            tracker.log(done, ev)
-            dist.log(f"step {done}/{steps}: eval_loss {ev['eval_loss']:.4f} (perplexity {ev['eval_perplexity']:.2f})")
-        checkpoints.after_step(done, preempted=bool(preempt), due=bool(due))
-        if preempt:
-            dist.log(
-                f"preempted ({dist.preemption_source()}): checkpoint saved at step {done}; exiting with code 85 "
-                "(requeue; train.resume=auto continues)"
-            )
-            result.preempted = True
-            break
+                grad_norm = guard.update(loss, norm[0] if norm else None)
+            lr = scheduler.get_last_lr()[0]
+            if guard.check(done, loss, grad_norm):
+                scheduler.step()
+            result.skipped_steps = guard.skipped
+            result.train_losses.append(loss)
+            result.tokens += int(tokens)
+            throughput.add(tokens, seq_sq)
+            if done % tc.log_every == 0 or done == steps:
+                metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **throughput.take(done)}
+                tracker.log(done, {**metrics, "elapsed_s": tracker.elapsed(), **memory_metrics(world.device)})
+            tracker.advance(1, {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", **throughput.postfix()})
+            progress("after step", done)
+            hooks.fire("after_step", step=done, rank=world.rank)
+            if (tc.eval_every and done % tc.eval_every == 0) or done == steps:
+                progress("eval", done)
+                with memory.phase("eval"):
+                    ev = evaluate_loss(
+                        strategy, data.test, pad_id, eval_batch_size, tc.eval_batches if done != steps else 0
+                    )
+                    if extra_eval is not None and done != steps:
+                        ev.update(extra_eval())
+                result.eval_history.append({**ev, "step": done})
+                tracker.log(done, ev)
+                dist.log(
+                    f"step {done}/{steps}: eval_loss {ev['eval_loss']:.4f} (perplexity {ev['eval_perplexity']:.2f})"
+                )
+            checkpoints.after_step(done, preempted=bool(preempt), due=bool(due))
+            if preempt:
+                dist.log(
+                    f"preempted ({dist.preemption_source()}): checkpoint saved at step {done}; exiting with code 85 "
+                    "(requeue; train.resume=auto continues)"
+                )
+                result.preempted = True
+                break
+    finally:  # a stop before the end (preemption, divergence) ends the collating workers or thread
+        pipeline.close()
     if start_step >= steps:  # resumed a run that had already finished: just report where it stands
         with memory.phase("eval"):
             ev = evaluate_loss(strategy, data.test, pad_id, eval_batch_size)

@@ -328,6 +328,9 @@ class ModelSpec:
     """A saved model dir to load instead of `model.name_or_path` (ft-eval)."""
     compute_dtype: torch.dtype = torch.float32
     """QLoRA: the dtype each 4-bit weight is dequantized to for its matmul (train.precision's)."""
+    compile_blocks: bool = False
+    """train.compile: each transformer block of the built model is torch.compiled (after checkpointing and LoRA,
+    before a strategy wraps or shards it)."""
 
     @property
     def weights_dir(self) -> Optional[Path]:
@@ -364,7 +367,10 @@ class ModelSpec:
             quantize=quantize,
             device=device,
         )
-        return apply_peft(model, self.peft_cfg) if self.peft_cfg is not None else model
+        model = apply_peft(model, self.peft_cfg) if self.peft_cfg is not None else model
+        if self.compile_blocks:  # lazy: a meta twin built for its structure is never called, so never compiles
+            compile_blocks(model)
+        return model
 
 
 def resolve_weights_dir(name_or_path: str) -> Path:
@@ -404,6 +410,24 @@ def transformer_blocks(model: nn.Module) -> List[nn.Module]:
             "strategy", f"found no transformer blocks ({sorted(names)}) to shard in {type(base).__name__}"
         )
     return blocks
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile each transformer block's forward for training steps, as torchtitan compiles per block: the
+    blocks are where the time goes, and the loss, the embeddings and the strategy's wrapping stay eager. Module
+    names, hooks (FSDP2's gathers) and state dicts are unchanged: only `forward` is swapped. Eval and generation run
+    the eager forward: a decode step's shapes change every token and would only recompile. Compiles at the first
+    training forward. Returns how many blocks."""
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        eager, compiled = block.forward, torch.compile(block.forward)
+
+        def forward(*args: Any, _block: nn.Module = block, _eager: Any = eager, _compiled: Any = compiled, **kw: Any):
+            train = _block.training and torch.is_grad_enabled()
+            return (_compiled if train else _eager)(*args, **kw)
+
+        block.forward = forward  # an instance attribute shadows the class's
+    return len(blocks)
 
 
 def block_prefixes(model: nn.Module) -> List[str]:

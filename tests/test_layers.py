@@ -19,7 +19,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("cluster", ("ft_dist.cluster",)),
     ("planner", ("ft_dist.planner",)),
     ("data", ("ft_dist.data",)),
-    ("model", ("ft_dist.models", "ft_dist.hf_weights", "ft_dist.optim")),
+    ("model", ("ft_dist.models", "ft_dist.hf_weights", "ft_dist.optim", "ft_dist.flops")),
     ("strategy", ("ft_dist.strategies",)),
     ("checkpoint/metrics", ("ft_dist.checkpoint", "ft_dist.tracking")),
     ("eval", ("ft_dist.eval",)),

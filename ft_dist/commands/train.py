@@ -74,7 +74,12 @@ def _train(cfg: RunConfig, world: dist.World) -> int:
     strategy = build_strategy(cfg.strategy, cfg.train, world)
     memory = PhaseMemory(world.device)
     spec = ModelSpec(
-        cfg.model, cfg.peft, tokenizer, seed=cfg.train.seed, compute_dtype=SAVE_DTYPES[cfg.train.precision]
+        cfg.model,
+        cfg.peft,
+        tokenizer,
+        seed=cfg.train.seed,
+        compute_dtype=SAVE_DTYPES[cfg.train.precision],
+        compile_blocks=cfg.train.compile,
     )
     seed_everything(cfg.train.seed)  # same random init on every rank and in every run
     with memory.phase("build"):
@@ -83,7 +88,7 @@ def _train(cfg: RunConfig, world: dist.World) -> int:
     dist.log(
         f"model: {cfg.model.name}, {counts['total']:,} parameters, {counts['trainable']:,} trainable "
         f"({cfg.peft.method}), strategy {cfg.strategy.name}, precision {cfg.train.precision}, device {world.device}, "
-        f"loss: {strategy.prepare_loss()}"
+        f"loss: {strategy.prepare_loss()}" + (", blocks torch.compiled for training steps" if cfg.train.compile else "")
     )
 
     container = scrub_secrets(OmegaConf.to_container(cfg, resolve=True))
@@ -116,6 +121,7 @@ def _train(cfg: RunConfig, world: dist.World) -> int:
             checkpoints,
             extra_eval=sample_task_metric if cfg.eval.during_training else None,
             memory=memory,
+            padding_free=cfg.model.attn_implementation == "flash_attention_2",
             **({"progress": watchdog.progress} if watchdog else {}),
         )
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
 
+import numpy as np
 import torch
 
 from ft_dist.data.tokenize import IGNORE_INDEX
@@ -90,6 +91,45 @@ def collate(examples: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, torch.
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def sequence_lengths(example: Dict[str, Any]) -> List[int]:
+    """The lengths of the sequences in one row: one, or a packed row's examples (positions restart at 0)."""
+    if "position_ids" not in example:
+        return [len(example["input_ids"])]
+    starts = np.flatnonzero(np.asarray(example["position_ids"]) == 0)
+    return np.diff(np.append(starts, len(example["position_ids"]))).tolist()
+
+
+def collate_flat(examples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """A micro-batch as ONE row with no padding (padding-free), for flash-attention's variable-length kernels.
+
+    The examples (or packed rows) are laid end to end with positions restarting at every sequence, and the
+    cumulative sequence lengths go with them as `cu_seq_lens_q/k` and `max_length_q/k`: transformers hands those
+    straight to `flash_attn_varlen_func`, so no 4-D mask is built and nothing is read back from the GPU to find the
+    boundaries. Each example's first label is -100 (tokenize.py), so no sequence learns to predict the next one.
+    """
+    ids: List[int] = []
+    labels: List[int] = []
+    positions: List[int] = []
+    lengths: List[int] = []
+    for e in examples:
+        ids += e["input_ids"]
+        labels += e["labels"]
+        seqs = sequence_lengths(e)
+        positions += e["position_ids"] if "position_ids" in e else list(range(len(e["input_ids"])))
+        lengths += seqs
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+    longest = max(lengths)
+    return {
+        "input_ids": torch.tensor([ids]),
+        "position_ids": torch.tensor([positions]),
+        "labels": torch.tensor([labels]),
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
+
+
 def count_real_tokens(batch: Dict[str, torch.Tensor]) -> int:
     """Non-padding tokens in a collated batch (for tokens/s)."""
     if "attention_mask" in batch:
@@ -101,5 +141,6 @@ def count_real_tokens(batch: Dict[str, torch.Tensor]) -> int:
     return int((last_real + 1).sum())
 
 
-def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """Tensors to `device` without blocking the host (asynchronous from pinned memory); ints stay as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -69,7 +69,7 @@ def plan(
     """Rank every (instance, nodes, strategy) for `tokens` x `epochs` tokens of finetuning."""
     catalog = catalog or load_catalog()
     if mfu:
-        catalog = Catalog(catalog.instances, {**catalog.mfu, **mfu})
+        catalog = Catalog(catalog.instances, {**catalog.mfu, **mfu}, catalog.gpus)
     space = space or SearchSpace(instances=list(catalog.instances))
     arch = architecture(arch_dict)
     if meta_params is not None and meta_params != arch.total_params:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import yaml
 
@@ -42,6 +42,8 @@ class Instance:
 class Catalog:
     instances: Dict[str, Instance]
     mfu: Dict[str, float]
+    gpus: Dict[str, Dict[str, Any]]
+    """The GPU models by catalog name (memory_gb, peak_tflops, ...): also what a run's MFU divides by."""
 
 
 @lru_cache(maxsize=4)
@@ -68,7 +70,7 @@ def load_catalog(path: Optional[str] = None) -> Catalog:
             price_date=str(row["price_date"]),
             price_source=row["price_source"],
         )
-    return Catalog(instances=instances, mfu=dict(raw["mfu"]))
+    return Catalog(instances=instances, mfu=dict(raw["mfu"]), gpus=dict(gpus))
 
 
 def instance(name: str, catalog: Optional[Catalog] = None) -> Instance:

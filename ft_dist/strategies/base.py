@@ -51,17 +51,13 @@ class Strategy(ABC):
         check_precision(self.precision, world.device)
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
-        self.scaler: torch.amp.GradScaler  # set by the torch-native strategies' setup (clip_and_step uses it)
+        self.scaler: torch.amp.GradScaler  # set by the torch-native strategies' setup (clip_gradients uses it)
         self.fake_mode: Optional[Any] = None
         """A dry run's FakeTensorMode: storage is created under it, and no weights are read or initialised."""
         self._loss: Optional[CausalLMLoss] = None
 
     can_skip_steps = True
-    """Whether a step with a non-finite loss/gradient can be dropped and training go on (see skip_step)."""
-
-    def skip_step(self) -> None:
-        """Drop this step's gradients without updating anything."""
-        self.optimizer.zero_grad(set_to_none=True)
+    """Whether a step with a non-finite loss/gradient can be dropped (`step(apply=False)`) and training go on."""
 
     @property
     def dp_size(self) -> int:
@@ -97,24 +93,27 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor, sync: bool) -> None:
         """Accumulate gradients; `sync` is False on all but the last micro-batch of a step."""
 
-    @abstractmethod
-    def step(self, max_grad_norm: float) -> float:
-        """Clip, apply the optimizer, zero the gradients. Returns the pre-clip global gradient norm."""
-
-    def clip_and_step(self, params: Iterable[nn.Parameter], max_grad_norm: float) -> float:
-        """The torch-native step (single, DDP, FSDP2): unscale (fp16), clip, step, zero. Returns the pre-clip norm."""
+    def clip_gradients(self, max_grad_norm: float) -> Optional[torch.Tensor]:
+        """Unscale (fp16) and clip this step's gradients. Returns the pre-clip global norm as a device tensor, which
+        is never read here: the loop reads it with the step's loss, in the step's one host sync. None where the
+        engine clips inside its own step (DeepSpeed). The torch-native version (single, DDP, FSDP2)."""
         self.scaler.unscale_(self.optimizer)
-        trainable = [p for p in params if p.requires_grad]
+        trainable = [p for p in self.unwrapped().parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a DTensor over the shards
-            norm = norm.full_tensor()
-        if not torch.isfinite(norm) and not self.scaler.is_enabled():
-            self.optimizer.zero_grad(set_to_none=True)  # never apply a NaN/Inf update; the loop counts it
-            return float(norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        # FSDP2: a DTensor over the shards; its full value is one all-reduce, still on the device.
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def step(self, apply: bool) -> Optional[float]:
+        """Apply the update if `apply` (the loop saw a finite loss and norm), then zero the gradients. An engine
+        that clips inside its own step returns the norm it saw. The torch-native version (single, DDP, FSDP2)."""
+        if apply:  # never a NaN/Inf update: the loop decides from the values it already read
+            self.optimizer.step()
+        if self.scaler.is_enabled():
+            # fp16: lower the scale after an overflow (from the inf checks unscale_ left on the device), raise it
+            # after a run of good steps. GradScaler.step is not used: it would read those checks on the host again.
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return None
 
     def unwrapped(self) -> nn.Module:
         """The plain (PEFT-wrapped or not) HF model: generation, parameter names, the final save."""

@@ -33,8 +33,5 @@ class DDP(Strategy):
         with contextlib.nullcontext() if sync else self.model.no_sync():  # type: ignore[operator]  # DDP method
             self.scaler.scale(loss).backward()
 
-    def step(self, max_grad_norm: float) -> float:
-        return self.clip_and_step(self.module.parameters(), max_grad_norm)
-
     def unwrapped(self) -> torch.nn.Module:
         return self.module

@@ -4,8 +4,10 @@ ZeRO-3 builds the model under `zero.Init` (transformers does so while an HfDeepS
 parameter is partitioned as soon as it is created and the full model never exists on one rank. A pretrained model
 is built without initialising or reading anything; each rank then reads only its own partition (its fp32 master
 range) from the memory-mapped safetensors, and the 16-bit copies are refreshed from it. The optimizer is torch's
-AdamW handed to the engine (no JIT-compiled fused op needed, and resume is bitwise); on GPUs with CPU offload
-DeepSpeed's CPUAdam is used because torch's AdamW on the host would be the bottleneck.
+AdamW handed to the engine: on a GPU its fused version (train.optimizer=adamw -> optim.py), one multi-tensor kernel
+per step like DeepSpeed's FusedAdam, without that op's JIT build and in torch's state layout, which the checkpoints
+that any strategy resumes are written in; on CPU one tensor at a time, so resume is bitwise. With optimizer offload
+on GPUs DeepSpeed's CPUAdam runs, because torch's AdamW on the host would be the bottleneck.
 
 Checkpoints stay sharded: each rank writes its own partitions of the fp32 weights and Adam moments as DCP chunks
 (strategies/fragments.py), in the same name-keyed layout as FSDP2 and DDP, so any world size and any strategy
@@ -246,7 +248,12 @@ class DeepSpeedZero(Strategy):
         if not sync:
             self.engine.step()  # a micro-step: DeepSpeed only counts it, the real step comes at the boundary
 
-    def step(self, max_grad_norm: float) -> float:
+    def clip_gradients(self, max_grad_norm: float) -> Optional[torch.Tensor]:
+        return None  # the engine clips inside its step (gradient_clipping in its config)
+
+    def step(self, apply: bool) -> Optional[float]:
+        # can_skip_steps is False: the loop only calls this to apply. DeepSpeed's own overflow check and clipping
+        # read the gradients' state on the host inside engine.step(); that sync is DeepSpeed's, not the loop's.
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")

@@ -121,9 +121,6 @@ class FSDP2(Strategy):
         # every rank until the step: the whole model's gradients, which is exactly what FSDP exists to avoid.
         loss.backward()
 
-    def step(self, max_grad_norm: float) -> float:
-        return self.clip_and_step(self.model.parameters(), max_grad_norm)
-
     def generation_model(self) -> Tuple[nn.Module, bool]:
         return self.model, True
 

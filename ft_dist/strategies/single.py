@@ -20,6 +20,3 @@ class SingleDevice(Strategy):
 
     def backward(self, loss: torch.Tensor, sync: bool) -> None:
         self.scaler.scale(loss).backward()
-
-    def step(self, max_grad_norm: float) -> float:
-        return self.clip_and_step(self.model.parameters(), max_grad_norm)
