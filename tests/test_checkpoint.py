@@ -2,11 +2,6 @@
 
 Exact resume is bitwise (fp32 on CPU, torch AdamW inside every engine). Elastic resume (2 -> 1, 1 -> 2 ranks)
 changes only the order of floating-point reductions, so it is checked to atol 2e-5 after the remaining steps.
-
-Most of a launch here is start-up (interpreters, imports, engine builds), not training, and the launches the tests
-below need mostly do not depend on each other: the first test to ask starts every launch of every selected test
-(`runs`, each launch once), side by side up to PARALLEL_RANKS ranks, and each test then checks its own. The tests
-that time signals, kills and hangs first wait until nothing else runs (`quiet`).
 """
 
 from __future__ import annotations
@@ -17,31 +12,17 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List
 
 import pytest
 import torch
+
 from conftest import REPO
-from dist_utils import (
-    assert_readable_by_others,
-    assert_same_weights,
-    env,
-    final_weights,
-    free_port,
-    hooked_train_script,
-    hooks_in_every_python,
-    logged_steps,
-    losses,
-    resumed_at,
-    resumes,
-    single,
-    torchrun,
-    wait_for,
-)
+from dist_utils import (assert_readable_by_others, assert_same_weights, env, final_weights, free_port, hooked_train_script,
+                        hooks_in_every_python,
+                        logged_steps, losses, resumed_at, resumes, single, torchrun, wait_for)
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -58,213 +39,55 @@ TWO = ["train.micro_batch_size=2", "train.grad_accum=2"]          # x 2 ranks = 
 ONE = ["train.micro_batch_size=4", "train.grad_accum=2"]          # x 1 rank  = global batch 8
 ONE_OF_TWO = ["train.micro_batch_size=2", "train.grad_accum=4"]   # x 1 rank  = global batch 8
 
-# Ranks of launches running at once. Twice the cores: a launch leaves cores idle for seconds (torchrun's agent
-# importing torch, rank 0 alone preparing data or writing the model, a single process on one core).
-PARALLEL_RANKS = int(os.environ.get("FT_DIST_TEST_PARALLEL_RANKS") or min(8, 2 * len(os.sched_getaffinity(0))))
-_PORTS: set = set()
-_PORTS_LOCK = threading.Lock()
 
-
-def distinct_port() -> int:
-    """A free port no other launch of this process was given (launches start side by side)."""
-    with _PORTS_LOCK:
-        port = free_port()
-        while port in _PORTS:
-            port = free_port()
-        _PORTS.add(port)
-        return port
-
-
-def train_command(strategy: str, a: List[str], nproc: int, extra_env: Dict[str, str] | None = None,
-                  script: Optional[Path] = None) -> Callable[[], subprocess.CompletedProcess]:
-    """launch/train.py (or `script`) with `a`: one process for `single`, else torchrun with `nproc` ranks."""
-    more = {"script": script} if script else {}
-
-    def run() -> subprocess.CompletedProcess:
-        if strategy == "single":
-            return single(a, extra_env=extra_env, **more)
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                    "--master_port", str(distinct_port())]
-        return torchrun([*a, f"strategy={strategy}"], nproc=nproc, extra_env=extra_env, launcher=launcher, **more)
-
-    return run
-
-
-def export_command(checkpoint: Path, output: Path) -> Callable[[], subprocess.CompletedProcess]:
-    return lambda: subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), f"checkpoint={checkpoint}",
-                                   f"output={output}"], cwd=REPO, env=env(), capture_output=True, text=True)
-
-
-def succeeded(proc: Any) -> bool:
-    return proc is not None and proc.returncode == 0
-
-
-class Launches:
-    """Commands run in the background, at most `budget` ranks at a time, each key once. A job starts when the
-    jobs it follows have succeeded (if one failed, it does not run and its result is None), in the order the jobs
-    became ready."""
-
-    def __init__(self, budget: int) -> None:
-        self.budget = self.free = max(1, budget)
-        self.cond = threading.Condition()
-        self.waiting: List[int] = []  # tickets of ready jobs, oldest first
-        self.tickets = 0
-        self.jobs: Dict[str, Future] = {}
-        self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="launch")
-
-    def submit(self, key: str, ranks: int, command: Callable[[], Any], after: Sequence[Future] = ()) -> Future:
-        if key not in self.jobs:
-            self.jobs[key] = self.pool.submit(self._run, min(ranks, self.budget), command, list(after))
-        return self.jobs[key]
-
-    def _run(self, ranks: int, command: Callable[[], Any], after: List[Future]) -> Any:
-        if not all(succeeded(dep.result()) for dep in after):
-            return None
-        with self.cond:
-            ticket = self.tickets
-            self.tickets += 1
-            self.waiting.append(ticket)
-            self.cond.wait_for(lambda: self.waiting[0] == ticket and self.free >= ranks)
-            self.waiting.pop(0)
-            self.free -= ranks
-            self.cond.notify_all()
-        try:
-            return command()
-        finally:
-            with self.cond:
-                self.free += ranks
-                self.cond.notify_all()
-
-    def drain(self) -> None:
-        """Wait until every job submitted so far has ended (its test reports how)."""
-        for job in list(self.jobs.values()):
-            job.exception()
-
-
-Run = Tuple[Path, Future]  # a launch's output dir, and its CompletedProcess (None: what it follows failed)
-
-
-class Runs:
-    """The launches of this module by name, each started once: uninterrupted runs, resumes, exports."""
-
-    def __init__(self, launches: Launches, model_dir: Path, cache_dir: Path, factory: pytest.TempPathFactory) -> None:
-        self.launches, self.model_dir, self.cache_dir, self.factory = launches, model_dir, cache_dir, factory
-        self.runs: Dict[str, Run] = {}
-
-    def start(self, name: str, strategy: str, nproc: int, *extra: str, after: Sequence[Future] = ()) -> Run:
-        if name not in self.runs:
-            out = self.factory.mktemp(name)
-            command = train_command(strategy, args(self.model_dir, self.cache_dir, out, *extra), nproc)
-            self.runs[name] = (out, self.launches.submit(name, 1 if strategy == "single" else nproc, command, after))
-        return self.runs[name]
-
-    def full(self, strategy: str) -> Run:
-        """One uninterrupted run per strategy (2 ranks; `single` 1 rank), each checkpointing at steps 3 and 6
-        (zero2_offload at 2, 4 and 6: the zero3_offload run resumed from its step 2 writes a step 3 in turn)."""
-        extra = ["train.save_every=2", "train.keep_checkpoints=3"] if strategy == "zero2_offload" else []
-        return self.start(f"full-{strategy}", strategy, 2, *(ONE if strategy == "single" else TWO), *extra)
-
-    def resume(self, name: str, strategy: str, nproc: int, source: Run, step: int, *extra: str) -> Run:
-        return self.start(name, strategy, nproc, f"train.resume={step_dir(source[0], step)}", *extra, after=[source[1]])
-
-    def export(self, name: str, source: Run, step: int) -> Run:
-        """ft-export of `source`'s step-`step` checkpoint into <dir>/hf."""
-        if name not in self.runs:
-            out = self.factory.mktemp(name)
-            command = export_command(step_dir(source[0], step), out / "hf")
-            self.runs[name] = (out, self.launches.submit(name, 1, command, [source[1]]))
-        return self.runs[name]
-
-    @staticmethod
-    def wait(run: Run, what: str) -> Path:
-        """The run's dir once it succeeded; else fail naming `what` (or, not run, the run it follows)."""
-        proc = run[1].result()
-        assert proc is not None, f"{what}: not run, since the run it resumes or exports failed (see that one)"
-        assert proc.returncode == 0, f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
-        return run[0]
-
-
-PLANS: Dict[str, Callable[..., Any]] = {}
-
-
-def plans(test: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register the function that starts (idempotently) the launches `test` needs, given its parameters."""
-    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-        PLANS[test] = fn
-        return fn
-
-    return register
+def launch(strategy: str, a: List[str], nproc: int, extra_env: Dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    if strategy == "single":
+        proc = single(a, extra_env=extra_env)
+    else:
+        proc = torchrun([*a, f"strategy={strategy}"], nproc=nproc, extra_env=extra_env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
 
 
 @pytest.fixture(scope="module")
-def runs(request, model_dir, cache_dir, tmp_path_factory):
-    launches = Launches(PARALLEL_RANKS)
-    found = Runs(launches, model_dir, cache_dir, tmp_path_factory)
-    for item in request.session.items:  # the selected tests of this module, in order
-        if getattr(item, "module", None) is request.module and item.originalname in PLANS:
-            callspec = getattr(item, "callspec", None)
-            PLANS[item.originalname](found, **(callspec.params if callspec else {}))
-    yield found
-    launches.drain()
-    launches.pool.shutdown()
+def uninterrupted(model_dir, cache_dir, tmp_path_factory):
+    """One uninterrupted run per strategy (2 ranks; `single` 1 rank), each checkpointing at steps 3 and 6."""
+    cache: Dict[str, Path] = {}
 
+    def get(strategy: str) -> Path:
+        if strategy not in cache:
+            out = tmp_path_factory.mktemp(f"full-{strategy}")
+            launch(strategy, args(model_dir, cache_dir, out, *(ONE if strategy == "single" else TWO)), 2)
+            cache[strategy] = out
+        return cache[strategy]
 
-@pytest.fixture(scope="module")
-def uninterrupted(runs):
-    """strategy -> the dir of its uninterrupted run (Runs.full), once it has succeeded."""
-    return lambda strategy: runs.wait(runs.full(strategy), f"the uninterrupted {strategy} run")
-
-
-@pytest.fixture
-def quiet(runs):
-    """Nothing else runs during this test: it times signals, kills or hangs."""
-    runs.launches.drain()
+    return get
 
 
 def step_dir(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step-{step:08d}"
 
 
-def close_losses(run: Path, full: Path, step: int) -> None:
-    torch.testing.assert_close(torch.tensor(losses(run)), torch.tensor(losses(full)[step:]), rtol=1e-4, atol=1e-5)
-
-
-EXACT = ["single", "ddp", "fsdp", "zero2", "zero3"]
-ELASTIC = ["ddp", "fsdp", "zero2", "zero3"]
-
-
-@plans("test_exact_resume_is_bitwise")
-def exact_runs(runs: Runs, strategy: str) -> Tuple[Run, Run]:
-    full = runs.full(strategy)
-    return full, runs.resume(f"exact-{strategy}", strategy, 2, full, 3, *(ONE if strategy == "single" else TWO))
-
-
-@pytest.mark.parametrize("strategy", EXACT)
-def test_exact_resume_is_bitwise(strategy, runs):
-    full_run, resumed_run = exact_runs(runs, strategy)
-    full = runs.wait(full_run, f"the uninterrupted {strategy} run")
-    assert (step_dir(full, 3) / "COMPLETE").exists()
-    assert json.loads((step_dir(full, 3) / "meta.json").read_text())["samples_consumed"] == 24
-    resumed = runs.wait(resumed_run, f"{strategy} resumed from its own step 3")
-    assert resumed_at(resumed) == 3
-    assert losses(resumed) == losses(full)[3:]
-    assert_same_weights(resumed, full, exact=True)
-
-
-@plans("test_bitsandbytes_optimizer_resumes_bitwise")
-def bitsandbytes_runs(runs: Runs, strategy: str, optimizer: str) -> Tuple[Run, Run]:
-    layout = ONE if strategy == "single" else TWO
-    full = runs.start(f"{optimizer}-full", strategy, 2, f"train.optimizer={optimizer}", *layout)
-    return full, runs.resume(f"{optimizer}-resumed", strategy, 2, full, 3, f"train.optimizer={optimizer}", *layout)
+@pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp", "zero2", "zero3"])
+def test_exact_resume_is_bitwise(strategy, model_dir, cache_dir, uninterrupted, tmp_path):
+    full = uninterrupted(strategy)
+    assert (step_dir(full, 3) / "COMPLETE").exists() and json.loads((step_dir(full, 3) / "meta.json").read_text())["samples_consumed"] == 24
+    launch(strategy, args(model_dir, cache_dir, tmp_path, f"train.resume={step_dir(full, 3)}",
+                                 *(ONE if strategy == "single" else TWO)), 2)
+    assert resumed_at(tmp_path) == 3
+    assert losses(tmp_path) == losses(full)[3:]
+    assert_same_weights(tmp_path, full, exact=True)
 
 
 @pytest.mark.parametrize("strategy,optimizer", [("ddp", "adamw_8bit"), ("single", "paged_adamw_8bit")])
-def test_bitsandbytes_optimizer_resumes_bitwise(strategy, optimizer, runs):
+def test_bitsandbytes_optimizer_resumes_bitwise(strategy, optimizer, model_dir, cache_dir, tmp_path):
     """8-bit block-quantized and paged Adam states (bitsandbytes, on CPU) go through the same checkpoint: the
     resumed steps and the final weights are bit for bit those of the uninterrupted run."""
-    full_run, resumed_run = bitsandbytes_runs(runs, strategy, optimizer)
-    full = runs.wait(full_run, f"the uninterrupted {strategy} run with {optimizer}")
-    resumed = runs.wait(resumed_run, f"{strategy} with {optimizer} resumed from step 3")
+    layout = ONE if strategy == "single" else TWO
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    launch(strategy, args(model_dir, cache_dir, full, f"train.optimizer={optimizer}", *layout), 2)
+    launch(strategy, args(model_dir, cache_dir, resumed, f"train.optimizer={optimizer}",
+                          f"train.resume={step_dir(full, 3)}", *layout), 2)
     import torch.distributed.checkpoint as dcp
 
     saved = dcp.FileSystemReader(str(step_dir(full, 3) / "state")).read_metadata().state_dict_metadata
@@ -274,30 +97,18 @@ def test_bitsandbytes_optimizer_resumes_bitwise(strategy, optimizer, runs):
     assert_same_weights(resumed, full, exact=True)
 
 
-QLORA = ["peft=qlora", "peft.dropout=0"]  # dropout off: its masks depend on how the batch is split over ranks
-
-
-@plans("test_qlora_trains_resumes_bitwise_and_exports_a_dense_model")
-def qlora_runs(runs: Runs) -> Dict[str, Run]:
-    single_run = runs.start("qlora-single", "single", 1, *QLORA, *ONE)
-    fsdp_run = runs.start("qlora-fsdp", "fsdp", 2, *QLORA, *TWO)
-    return {"single": single_run, "fsdp": fsdp_run,
-            "resumed": runs.resume("qlora-resumed", "single", 1, single_run, 3, *QLORA, *ONE),
-            "ddp": runs.resume("qlora-ddp", "ddp", 2, fsdp_run, 3, *QLORA, *TWO),
-            "zero3": runs.resume("qlora-zero3", "zero3", 2, single_run, 3, *QLORA, *TWO)}
-
-
-def test_qlora_trains_resumes_bitwise_and_exports_a_dense_model(model_dir, runs, tmp_path):
+def test_qlora_trains_resumes_bitwise_and_exports_a_dense_model(model_dir, cache_dir, tmp_path):
     """QLoRA with real bitsandbytes on CPU: a 4-bit NF4 base (double quantization) under single, FSDP2 (which
     shards the 4-bit blocks), DDP and ZeRO-3 (which partitions them); exact resume; the merged export loads in
     plain transformers."""
-    started = qlora_runs(runs)
-    what = {"single": "the single-process QLoRA run", "fsdp": "the FSDP2 QLoRA run",
-            "resumed": "the single-process QLoRA run resumed from its step 3",
-            "ddp": "the DDP QLoRA run resumed from FSDP2's step 3",
-            "zero3": "the ZeRO-3 QLoRA run resumed from the single process's step 3"}
+    qlora = ["peft=qlora", "peft.dropout=0"]  # dropout off: its masks depend on how the batch is split over ranks
     single_run, resumed, fsdp_run, ddp_run, zero3_run = (
-        runs.wait(started[n], what[n]) for n in ("single", "resumed", "fsdp", "ddp", "zero3"))
+        tmp_path / n for n in ("single", "resumed", "fsdp", "ddp", "zero3"))
+    launch("single", args(model_dir, cache_dir, single_run, *qlora, *ONE), 1)
+    launch("single", args(model_dir, cache_dir, resumed, *qlora, f"train.resume={step_dir(single_run, 3)}", *ONE), 1)
+    launch("fsdp", args(model_dir, cache_dir, fsdp_run, *qlora, *TWO), 2)
+    launch("ddp", args(model_dir, cache_dir, ddp_run, *qlora, f"train.resume={step_dir(fsdp_run, 3)}", *TWO), 2)
+    launch("zero3", args(model_dir, cache_dir, zero3_run, *qlora, f"train.resume={step_dir(single_run, 3)}", *TWO), 2)
     full = losses(single_run)
     assert full[-1] < full[0] - 0.1  # it learns
     assert losses(resumed) == full[3:]  # exact resume: the adapters and their optimizer states, bit for bit
@@ -345,66 +156,36 @@ def test_qlora_trains_resumes_bitwise_and_exports_a_dense_model(model_dir, runs,
     assert_same_weights(tmp_path / "export", single_run / "final", exact=True, sub=".")
 
 
-@plans("test_resume_two_ranks_to_one")
-def two_ranks_to_one_runs(runs: Runs, strategy: str) -> Tuple[Run, Run]:
-    full = runs.full(strategy)
-    return full, runs.resume(f"two-to-one-{strategy}", strategy, 1, full, 3, *ONE_OF_TWO)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
+def test_resume_two_ranks_to_one(strategy, model_dir, cache_dir, uninterrupted, tmp_path):
+    full = uninterrupted(strategy)
+    launch(strategy, args(model_dir, cache_dir, tmp_path, f"train.resume={step_dir(full, 3)}", *ONE_OF_TWO), 1)
+    assert [(e["step"], e["saved_world_size"], e["world_size"]) for e in resumes(tmp_path)] == [(3, 2, 1)]
+    torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(full)[3:]), rtol=1e-4, atol=1e-5)
+    assert_same_weights(tmp_path, full, exact=False)
 
 
-@pytest.mark.parametrize("strategy", ELASTIC)
-def test_resume_two_ranks_to_one(strategy, runs):
-    full_run, resumed_run = two_ranks_to_one_runs(runs, strategy)
-    full = runs.wait(full_run, f"the uninterrupted {strategy} run")
-    resumed = runs.wait(resumed_run, f"{strategy} on 1 rank resumed from its 2-rank step 3")
-    assert [(e["step"], e["saved_world_size"], e["world_size"]) for e in resumes(resumed)] == [(3, 2, 1)]
-    close_losses(resumed, full, 3)
-    assert_same_weights(resumed, full, exact=False)
-
-
-@plans("test_resume_one_rank_to_two")
-def one_rank_to_two_runs(runs: Runs, strategy: str) -> Tuple[Run, Run]:
-    full = runs.full("single")  # written by one process with the single-device strategy
-    return full, runs.resume(f"one-to-two-{strategy}", strategy, 2, full, 3, *TWO)
-
-
-@pytest.mark.parametrize("strategy", ELASTIC)
-def test_resume_one_rank_to_two(strategy, runs):
-    full_run, resumed_run = one_rank_to_two_runs(runs, strategy)
-    full = runs.wait(full_run, "the uninterrupted single run")
-    resumed = runs.wait(resumed_run, f"{strategy} on 2 ranks resumed from the single process's step 3")
-    assert [(e["step"], e["saved_world_size"], e["world_size"]) for e in resumes(resumed)] == [(3, 1, 2)]
-    close_losses(resumed, full, 3)
-    assert_same_weights(resumed, full, exact=False)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
+def test_resume_one_rank_to_two(strategy, model_dir, cache_dir, uninterrupted, tmp_path):
+    full = uninterrupted("single")  # written by one process with the single-device strategy
+    launch(strategy, args(model_dir, cache_dir, tmp_path, f"train.resume={step_dir(full, 3)}", *TWO), 2)
+    assert [(e["step"], e["saved_world_size"], e["world_size"]) for e in resumes(tmp_path)] == [(3, 1, 2)]
+    torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(full)[3:]), rtol=1e-4, atol=1e-5)
+    assert_same_weights(tmp_path, full, exact=False)
 
 
 # Every strategy writes the same name-keyed DCP layout (FSDP2 DTensor shards, ZeRO partitions as chunks, whole
 # tensors from DDP), so any pair resumes. These pairs cover each writer family (whole, DTensor, ZeRO-1/2 fragments,
 # ZeRO-3 partitions, with and without offload) into each other reader family; single <-> the rest and same-strategy
 # pairs are above, FSDP2 <-> ZeRO-3 at 4 <-> 2 ranks in tests/test_scale.py.
-@plans("test_resume_under_another_strategy")
-def another_strategy_runs(runs: Runs, saved: str, resumed: str) -> Tuple[Run, int, Run, Run]:
-    """(the run whose checkpoint is resumed, its step, the uninterrupted run to compare with, the resumed run)."""
-    if saved == "zero3_offload":
-        # The zero3_offload checkpoint is the step 3 of the zero3_offload run below (resumed from zero2_offload's
-        # step 2): an uninterrupted zero3_offload run would be one more launch that nothing else needs.
-        *_, reference, writer = another_strategy_runs(runs, "zero2_offload", "zero3_offload")
-        step = 3
-    else:
-        reference = writer = runs.full(saved)
-        step = 2 if saved == "zero2_offload" else 3
-    return writer, step, reference, runs.resume(f"{saved}-to-{resumed}", resumed, 2, writer, step, *TWO)
-
-
 @pytest.mark.parametrize("saved,resumed", [("fsdp", "zero2"), ("zero2", "fsdp"), ("zero1", "zero3"),
                                            ("zero3_offload", "ddp"), ("zero2_offload", "zero3_offload")])
-def test_resume_under_another_strategy(saved, resumed, runs):
-    writer_run, step, reference_run, resumed_run = another_strategy_runs(runs, saved, resumed)
-    full = runs.wait(reference_run, f"the uninterrupted run {reference_run[0].name}")
-    runs.wait(writer_run, f"the {saved} run that writes the checkpoint")
-    run = runs.wait(resumed_run, f"{resumed} resumed from {saved}'s step {step}")
-    assert resumed_at(run) == step
-    close_losses(run, full, step)
-    assert_same_weights(run, full, exact=False)
+def test_resume_under_another_strategy(saved, resumed, model_dir, cache_dir, uninterrupted, tmp_path):
+    full = uninterrupted(saved)
+    launch(resumed, args(model_dir, cache_dir, tmp_path, f"train.resume={step_dir(full, 3)}", *TWO), 2)
+    assert resumed_at(tmp_path) == 3
+    torch.testing.assert_close(torch.tensor(losses(tmp_path)), torch.tensor(losses(full)[3:]), rtol=1e-4, atol=1e-5)
+    assert_same_weights(tmp_path, full, exact=False)
 
 
 def worker_pids(parent: int) -> List[int]:
@@ -415,9 +196,8 @@ def worker_pids(parent: int) -> List[int]:
 LONG = 40
 
 
-def test_sigusr1_saves_within_a_step_and_exits_85_then_resumes(model_dir, cache_dir, runs, quiet, tmp_path):
-    a = args(model_dir, cache_dir, tmp_path / "run", f"train.max_steps={LONG}", "train.save_every=0", *TWO,
-             "strategy=ddp")
+def test_sigusr1_saves_within_a_step_and_exits_85_then_resumes(model_dir, cache_dir, tmp_path):
+    a = args(model_dir, cache_dir, tmp_path / "run", f"train.max_steps={LONG}", "train.save_every=0", *TWO, "strategy=ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "launch" / "train.py"), *a]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -430,9 +210,6 @@ def test_sigusr1_saves_within_a_step_and_exits_85_then_resumes(model_dir, cache_
     saved = [int(p.name.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").glob("step-*")]
     assert len(saved) == 1 and seen <= saved[0] <= seen + 2 < LONG
     assert (tmp_path / "run" / "PREEMPTED").exists()
-    # The uninterrupted reference runs beside the resumed run (nothing is timed from here on).
-    reference = runs.launches.submit("sigusr1-reference", 2, train_command(
-        "ddp", args(model_dir, cache_dir, tmp_path / "ref", f"train.max_steps={LONG}", "train.save_every=0", *TWO), 2))
     resumed = torchrun(a)  # train.resume=auto (the default) continues in the same run dir
     assert resumed.returncode == 0 and resumed_at(tmp_path / "run") == saved[0], resumed.stderr[-3000:]
     assert not (tmp_path / "run" / "PREEMPTED").exists()
@@ -444,11 +221,13 @@ def test_sigusr1_saves_within_a_step_and_exits_85_then_resumes(model_dir, cache_
     assert times == sorted(times)
     elapsed = [r["elapsed_s"] for r in records if "elapsed_s" in r]
     assert elapsed == sorted(elapsed) and all(r["wall_time"] > 1.7e9 for r in records)
-    assert reference.result().returncode == 0, reference.result().stderr[-3000:]
+    reference = torchrun(args(model_dir, cache_dir, tmp_path / "ref", f"train.max_steps={LONG}", "train.save_every=0",
+                              *TWO, "strategy=ddp"))
+    assert reference.returncode == 0
     assert_same_weights(tmp_path / "run", tmp_path / "ref", exact=True)
 
 
-def test_sigterm_single_process_exit_code(model_dir, cache_dir, quiet, tmp_path):
+def test_sigterm_single_process_exit_code(model_dir, cache_dir, tmp_path):
     a = args(model_dir, cache_dir, tmp_path, f"train.max_steps={LONG}", "train.save_every=0", *ONE)
     proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), *a], cwd=REPO, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -471,7 +250,7 @@ hooks.install("checkpoint_written", slow_save)
 """
 
 
-def test_kill_during_save_leaves_previous_checkpoint(model_dir, cache_dir, uninterrupted, quiet, tmp_path):
+def test_kill_during_save_leaves_previous_checkpoint(model_dir, cache_dir, uninterrupted, tmp_path):
     a = args(model_dir, cache_dir, tmp_path, "train.save_every=2", *ONE)
     slow_save = hooked_train_script(tmp_path, SLOW_SAVE_AT_STEP_4)
     proc = subprocess.Popen([sys.executable, str(slow_save), *a], cwd=REPO, env=env(), stdout=subprocess.PIPE,
@@ -501,7 +280,7 @@ def tagged_processes(tag: str) -> Dict[int, Dict[str, str]]:
     return found
 
 
-def test_torchrun_restarts_after_a_rank_is_killed(model_dir, cache_dir, uninterrupted, quiet, tmp_path):
+def test_torchrun_restarts_after_a_rank_is_killed(model_dir, cache_dir, uninterrupted, tmp_path):
     # Through ft-launch (max_restarts=R -> torchrun --max-restarts R, c10d rendezvous).
     a = args(model_dir, cache_dir, tmp_path, "train.save_every=2", *TWO, "strategy=ddp")
     cmd = [sys.executable, str(REPO / "launch" / "launch.py"), "cluster=local", f"master_port={free_port()}",
@@ -548,12 +327,11 @@ hooks.install("after_step", stall_forever)
 """
 
 
-def test_a_stalled_rank_is_named_and_the_job_restarts_from_its_checkpoint(model_dir, cache_dir, uninterrupted, quiet,
-                                                                          tmp_path):
+def test_a_stalled_rank_is_named_and_the_job_restarts_from_its_checkpoint(model_dir, cache_dir, uninterrupted, tmp_path):
     worker = hooked_train_script(tmp_path, STALL_RANK_1)
     run = tmp_path / "run"
-    a = args(model_dir, cache_dir, run, "train.save_every=2", *TWO, "strategy=ddp",
-             f"train.hang_timeout_s={HANG_TIMEOUT_S}", f"train.heartbeat_s={HEARTBEAT_S}")
+    a = args(model_dir, cache_dir, run, "train.save_every=2", *TWO, "strategy=ddp", f"train.hang_timeout_s={HANG_TIMEOUT_S}",
+             f"train.heartbeat_s={HEARTBEAT_S}")
     port, tag = free_port(), tmp_path.name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", tag, str(worker), *a]
@@ -585,64 +363,53 @@ def test_a_stalled_rank_is_named_and_the_job_restarts_from_its_checkpoint(model_
     assert_same_weights(run, uninterrupted("ddp"), exact=True)
 
 
-@plans("test_export_loads_with_plain_transformers")
-def export_runs(runs: Runs, strategy: str, lora: bool) -> Tuple[Run, Run]:
-    run = runs.start(f"lora-{strategy}", strategy, 2, "peft=lora", "peft.r=4", *TWO) if lora else runs.full(strategy)
-    return run, runs.export(f"export-{strategy}{'-lora' if lora else ''}", run, STEPS)
-
-
-@pytest.mark.parametrize("strategy,lora", [("ddp", False), ("fsdp", False), ("zero3", False), ("fsdp", True),
-                                           ("zero3", True)])
-def test_export_loads_with_plain_transformers(strategy, lora, runs):
+@pytest.mark.parametrize("strategy,lora", [("ddp", False), ("fsdp", False), ("zero3", False), ("fsdp", True), ("zero3", True)])
+def test_export_loads_with_plain_transformers(strategy, lora, model_dir, cache_dir, uninterrupted, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    trained_run, export_run = export_runs(runs, strategy, lora)
-    run = runs.wait(trained_run, f"the {strategy} run{' with LoRA' if lora else ''}")
-    hf = runs.wait(export_run, f"ft-export of {run.name}'s step {STEPS}") / "hf"
-    model = AutoModelForCausalLM.from_pretrained(hf)
+    if lora:
+        run = tmp_path / "run"
+        launch(strategy, args(model_dir, cache_dir, run, "peft=lora", "peft.r=4", *TWO), 2)
+    else:
+        run = uninterrupted(strategy)
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), f"checkpoint={step_dir(run, STEPS)}",
+                           f"output={tmp_path / 'hf'}"], cwd=REPO, env=env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     trained = final_weights(run)
     exported = {k: v for k, v in model.state_dict().items() if k in trained}
     assert exported.keys() == trained.keys()
     for k in trained:
         assert torch.equal(exported[k], trained[k]), k
-    assert (hf / "adapter" / "adapter_config.json").exists() == lora
-    assert_readable_by_others(hf)
+    assert (tmp_path / "hf" / "adapter" / "adapter_config.json").exists() == lora
+    assert_readable_by_others(tmp_path / "hf")
 
 
-def test_resume_with_a_different_config_says_what_differs(model_dir, cache_dir, runs, uninterrupted, tmp_path):
+def test_resume_with_a_different_config_says_what_differs(model_dir, cache_dir, uninterrupted, tmp_path):
     ckpt = step_dir(uninterrupted("single"), 3)
-    refusals = {"lr": [*ONE, "train.lr=2e-3"], "batch": ["train.micro_batch_size=4", "train.grad_accum=1"]}
-    lr, batch = (runs.launches.submit(f"{tmp_path.name}-{name}", 1, train_command(  # both at once
-        "single", args(model_dir, cache_dir, tmp_path / name, f"train.resume={ckpt}", *extra), 1))
-        for name, extra in refusals.items())
-    proc = lr.result()
+    proc = single(args(model_dir, cache_dir, tmp_path, f"train.resume={ckpt}", *ONE, "train.lr=2e-3"))
     assert proc.returncode == 2 and "train.lr: 0.001 in the checkpoint, 0.002 now" in proc.stderr
     assert "train.resume_ignore_config=true" in proc.stderr and "Traceback" not in proc.stderr
-    proc = batch.result()
+    proc = single(args(model_dir, cache_dir, tmp_path, f"train.resume={ckpt}", "train.micro_batch_size=4", "train.grad_accum=1"))
     assert proc.returncode == 2 and "set train.grad_accum=2" in proc.stderr
 
 
-@plans("test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint")
-def nonfinite_runs(runs: Runs) -> Run:
-    return runs.export("export-ddp-step-3", runs.full("ddp"), 3)  # the reference: the weights before step 4
-
-
-def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(model_dir, cache_dir, runs, tmp_path):
+def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(model_dir, cache_dir, uninterrupted, tmp_path):
     # A real NaN enters the loss from step 4 on (test hook), so backward yields NaN gradients on every rank.
     nan_from_4 = hooked_train_script(tmp_path, 'hooks.install("nan_loss", lambda step, rank: step >= 4)')
     proc = torchrun(args(model_dir, cache_dir, tmp_path, "train.save_every=0", "train.nonfinite_limit=2", *TWO,
                          "strategy=ddp"), script=nan_from_4)
     assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]
-    diverged = "training diverged: 2 steps in a row with NaN/Inf loss or gradients (first at step 4)"
-    assert proc.stderr.count(diverged) == 1
-    losses_logged = [m["loss"] for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
-                     if "loss" in m]
+    assert proc.stderr.count("training diverged: 2 steps in a row with NaN/Inf loss or gradients (first at step 4)") == 1
+    losses_logged = [m["loss"] for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
     # Step 4's NaN is logged and its update skipped; step 5, the second in a row, stops the run before its log line.
     assert len(losses_logged) == 4 and all(map(math.isfinite, losses_logged[:3])) and math.isnan(losses_logged[3])
     saved = sorted((tmp_path / "checkpoints").glob("step-*"))
     assert [p.name for p in saved] == ["step-00000003"] and (saved[0] / "COMPLETE").exists()
-    proc = export_command(step_dir(tmp_path, 3), tmp_path / "diverged")()
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    reference = runs.wait(nonfinite_runs(runs), "ft-export of the uninterrupted ddp run's step 3") / "hf"
+    for name, run in (("diverged", tmp_path), ("reference", uninterrupted("ddp"))):
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), f"checkpoint={step_dir(run, 3)}",
+                               f"output={out}"], cwd=REPO, env=env(), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
     # Exactly the weights from before the first bad step.
-    assert_same_weights(tmp_path / "diverged", reference, exact=True, sub="")
+    assert_same_weights(tmp_path / "diverged", tmp_path / "reference", exact=True, sub="")
