@@ -92,11 +92,10 @@ class _NonfiniteGuard:
     def update(self, loss: float, norm: Optional[float]) -> float:
         """Apply the step unless its loss or gradient norm is NaN/Inf (the update is then dropped); returns the
         gradient norm (from the engine where it clips inside its step, NaN if it never stepped)."""
-        if math.isfinite(loss) and (norm is None or math.isfinite(norm)):
-            seen = self.strategy.step(apply=True)
-            return seen if seen is not None else norm if norm is not None else float("nan")
-        if self.strategy.can_skip_steps:
-            self.strategy.step(apply=False)
+        apply = math.isfinite(loss) and (norm is None or math.isfinite(norm))
+        if apply or self.strategy.can_skip_steps:  # an engine that cannot skip is never asked to (check() stops)
+            seen = self.strategy.step(apply=apply)
+            norm = seen if seen is not None else norm
         return float("nan") if norm is None else norm
 
     def check(self, done: int, loss: float, grad_norm: float) -> bool:

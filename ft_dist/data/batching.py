@@ -114,9 +114,8 @@ def collate_flat(examples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     for e in examples:
         ids += e["input_ids"]
         labels += e["labels"]
-        seqs = sequence_lengths(e)
         positions += e["position_ids"] if "position_ids" in e else list(range(len(e["input_ids"])))
-        lengths += seqs
+        lengths += sequence_lengths(e)
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
     longest = max(lengths)
     return {

@@ -6,7 +6,7 @@ or else in one background thread, into pinned memory on a GPU run, a few steps a
 loop then copies a step's batches to the device without blocking, and never waits on collation.
 
 Each step also carries what the loop would otherwise count on the host in the middle of the step: the global
-batch's loss tokens, this rank's non-pad tokens and token slots, and the sum of squared sequence lengths that
+batch's loss tokens, this rank's non-pad tokens, and the sum of squared sequence lengths that
 attention's FLOPs grow with.
 """
 
@@ -41,8 +41,6 @@ class StepBatches:
     """Loss tokens of the whole global batch: the loss's divisor (every rank computes the same)."""
     tokens: int
     """Non-pad tokens in this rank's micro-batches."""
-    slots: int
-    """Token slots (rows x width) in this rank's micro-batches: what the compute was spent on."""
     seq_sq: int
     """Sum over this rank's sequences of length^2 (a packed row holds several): attention FLOPs scale with it."""
 
@@ -61,15 +59,14 @@ class StepDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> StepBatches:
         n_global = sum(self.num_loss_tokens[i] for i in self.sampler.global_indices(step))
-        batches, tokens, slots, seq_sq = [], 0, 0, 0
+        batches, tokens, seq_sq = [], 0, 0
         for indices in self.sampler.micro_batches(step):
             examples = examples_from_rows(self.rows[indices])
             seq_sq += sum(n * n for e in examples for n in sequence_lengths(e))
             batch = collate_flat(examples) if self.flatten else collate(examples, self.pad_id)
             tokens += count_real_tokens(batch)
-            slots += batch["input_ids"].numel()
             batches.append(batch)
-        return StepBatches(step, batches, int(n_global), tokens, slots, seq_sq)
+        return StepBatches(step, batches, int(n_global), tokens, seq_sq)
 
 
 def step_batches(
