@@ -5,8 +5,13 @@ Two implementations of the same number (`train.loss`):
 - `full`: transformers' own loss. The model computes [tokens x vocab] logits, and the loss upcasts them to fp32:
   for a 128k vocabulary at 8k tokens per micro-batch that is 4 GiB of fp32 logits, plus their gradient.
 - `chunked`: the LM head runs on chunks of `train.loss_chunk_tokens` tokens straight from the final hidden states,
-  each chunk's cross-entropy is summed, and each chunk is recomputed in backward (torch.utils.checkpoint), so at
-  most one chunk of logits exists at any time. Torch-native, so it runs on CPU and V100 alike.
+  each chunk's cross-entropy is summed, and each chunk but the last is recomputed in backward
+  (torch.utils.checkpoint), so at most one chunk of logits exists at any time. The last chunk's backward is the
+  first to run, so keeping its log-softmax from forward holds the same memory at the same moment as recomputing
+  it would, without the recompute. Torch-native, so it runs on CPU and V100 alike.
+  Where the batch names its `label_positions` (the training loader and eval collate them on the host), the head
+  runs on those positions only: prompt and padding positions, whose logits the loss ignores, cost no head FLOPs
+  (the head is the largest matmul of a small model: a 50k-128k vocabulary).
 
 `chunked` works by taking over the forward of the model's output-embedding module (the LM head) while a loss is
 computed: the head's module hooks still run around it, so FSDP2 and ZeRO-3 gather its weight as they would for the
@@ -65,6 +70,7 @@ class CausalLMLoss:
         self.kind = "full" if kind == "full" or why_not else "chunked"
         self.chunk_tokens = chunk_tokens
         self._labels: Optional[torch.Tensor] = None
+        self._positions: Optional[torch.Tensor] = None
         if self.kind == "chunked":
             head = output_head(hf_model)
             self._head_forward: Callable[[torch.Tensor], torch.Tensor] = head.forward
@@ -72,20 +78,20 @@ class CausalLMLoss:
             head.forward = self._forward
 
     def __call__(self, model: nn.Module, batch: Dict[str, torch.Tensor], n_items: float) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "label_positions")}
         if self.kind == "full":
-            return model(**batch, use_cache=False, num_items_in_batch=n_items).loss
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        with self._computing(batch["labels"]):
+            return model(**inputs, labels=batch["labels"], use_cache=False, num_items_in_batch=n_items).loss
+        with self._computing(batch["labels"], batch.get("label_positions")):
             summed = model(**inputs, use_cache=False).logits  # the head returned the summed loss (see _forward)
         return summed / n_items
 
     @contextlib.contextmanager
-    def _computing(self, labels: torch.Tensor) -> Iterator[None]:
-        self._labels = labels
+    def _computing(self, labels: torch.Tensor, positions: Optional[torch.Tensor]) -> Iterator[None]:
+        self._labels, self._positions = labels, positions
         try:
             yield
         finally:
-            self._labels = None
+            self._labels = self._positions = None
 
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head's forward: the ordinary logits, or, while a loss is computed, the loss summed over chunks."""
@@ -94,9 +100,15 @@ class CausalLMLoss:
         # Position t predicts token t+1; the last position predicts nothing (as transformers' ForCausalLMLoss).
         targets = F.pad(self._labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
         flat = hidden.reshape(-1, hidden.shape[-1])
+        # Its size is a shape, known on the host. A micro-batch with no label at all keeps every position, so the
+        # head (and the graph through it) still runs, as data-parallel gradient sync expects of every parameter.
+        if self._positions is not None and self._positions.numel():
+            flat, targets = flat.index_select(0, self._positions), targets.index_select(0, self._positions)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, flat.shape[0], self.chunk_tokens):
             end = start + self.chunk_tokens
+            if end >= flat.shape[0]:  # the last chunk: its backward runs first, when its logits would be rebuilt
+                return total + self._chunk_loss(flat[start:end], targets[start:end])
             # Recomputed in backward: only this chunk's logits ever exist, in forward and in backward.
             total = total + checkpoint(self._chunk_loss, flat[start:end], targets[start:end], use_reentrant=False)
         return total

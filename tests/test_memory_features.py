@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ft_dist.data.batching import collate
+from ft_dist.data.batching import collate, label_positions
 from ft_dist.errors import ConfigError
 from ft_dist.loss import CausalLMLoss
 
@@ -64,12 +64,41 @@ def test_chunked_loss_and_gradients_equal_full(model_type, layout):
     full_loss, full_grads = loss_and_grads(model, CausalLMLoss(model, "full", 1024), batch, n)
     chunked = CausalLMLoss(model, "auto", chunk_tokens=7)  # 7: chunks split examples and rows unevenly
     assert chunked.kind == "chunked"
-    loss, grads = loss_and_grads(model, chunked, batch, n)
-    assert abs(float(loss) - float(full_loss)) <= 1e-6, (float(loss), float(full_loss))
-    for name, g in full_grads.items():
-        torch.testing.assert_close(grads[name], g, rtol=0, atol=1e-6, msg=name)
+    # Every position through the head, and (as the training loader collates them) the label positions only.
+    for positions in (False, True):
+        given = {**batch, "label_positions": label_positions(batch["labels"])} if positions else batch
+        loss, grads = loss_and_grads(model, chunked, given, n)
+        assert abs(float(loss) - float(full_loss)) <= 1e-6, (positions, float(loss), float(full_loss))
+        for name, g in full_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=0, atol=1e-6, msg=f"{name} (label positions {positions})")
     # Outside a loss computation the head is the ordinary one: generation and eval see full logits.
     assert model(input_ids=batch["input_ids"]).logits.shape == (*batch["input_ids"].shape, ARCH["vocab_size"])
+
+
+def test_the_head_runs_on_label_positions_only_and_the_last_chunk_is_not_recomputed():
+    """Counted matmul FLOPs of one loss forward and backward (torch's FlopCounterMode): with `label_positions`, the
+    LM head's three matmuls (forward, input and weight gradients: 6 x d x V a position) skip every prompt and padding
+    position; and chunking recomputes in backward every chunk's head forward but the last's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny("llama")
+    batch = batch_for("padded", ARCH["vocab_size"])
+    selected = {**batch, "label_positions": label_positions(batch["labels"])}
+
+    def flops(chunk: int, b: Dict[str, torch.Tensor]) -> int:
+        with FlopCounterMode(display=False) as counter:
+            CausalLMLoss(model, "chunked", chunk)(model, b, 1.0).backward()
+        return counter.get_total_flops()
+
+    every, kept = batch["labels"].numel(), selected["label_positions"].numel()
+    assert 0 < kept < every * 0.8  # the prompts and the padding are a real share of this batch
+    per_position = 6 * ARCH["hidden_size"] * ARCH["vocab_size"]
+    one_chunk = every  # no chunk is recomputed when one chunk holds them all
+    assert flops(one_chunk, batch) - flops(one_chunk, selected) == per_position * (every - kept)
+    chunk = 7
+    last = kept - chunk * ((kept - 1) // chunk)  # the last chunk's positions
+    forward_only = 2 * ARCH["hidden_size"] * ARCH["vocab_size"]
+    assert flops(chunk, selected) - flops(one_chunk, selected) == forward_only * (kept - last)
 
 
 def test_chunked_loss_refuses_where_it_would_not_be_exact():
@@ -103,7 +132,9 @@ def test_chunked_loss_lowers_the_peak_of_loss_and_backward(vocab):
     exs = examples([512] * 4, vocab)
     batch = collate(exs, pad_id=0)  # 2048 tokens: fp32 logits alone are 2048 x vocab x 4 bytes
     full = peak_bytes(model, CausalLMLoss(model, "full", 256), batch)
-    chunked = peak_bytes(model, CausalLMLoss(model, "chunked", 256), batch)
+    # With the label positions, as training collates them: the last chunk, kept from forward, is a chunk too.
+    selected = {**batch, "label_positions": label_positions(batch["labels"])}
+    chunked = peak_bytes(model, CausalLMLoss(model, "chunked", 256), selected)
     logits = 2048 * vocab * 4
     print(f"vocab {vocab}: peak full {full / 2**20:.0f} MiB, chunked {chunked / 2**20:.0f} MiB "
           f"({chunked / full:.2f}x); one fp32 logits tensor {logits / 2**20:.0f} MiB")

@@ -140,6 +140,16 @@ def count_real_tokens(batch: Dict[str, torch.Tensor]) -> int:
     return int((last_real + 1).sum())
 
 
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into the batch's [rows x width] positions) of the positions that predict a label: position t
+    predicts token t+1, so t counts when label t+1 is not IGNORE_INDEX. Only their logits enter the loss, and the
+    chunked loss runs the LM head on them alone (prompt and padding positions are skipped: 30-50 % of a packed
+    SFT batch). Computed on the host when a batch is collated, because selecting them on the device with a
+    boolean mask would read the mask back (a host sync) in every forward."""
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    return torch.nonzero(targets != IGNORE_INDEX).squeeze(1)
+
+
 def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     """Tensors to `device` without blocking the host (asynchronous from pinned memory); ints stay as they are."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -6,8 +6,8 @@ or else in one background thread, into pinned memory on a GPU run, a few steps a
 loop then copies a step's batches to the device without blocking, and never waits on collation.
 
 Each step also carries what the loop would otherwise count on the host in the middle of the step: the global
-batch's loss tokens, this rank's non-pad tokens, and the sum of squared sequence lengths that
-attention's FLOPs grow with.
+batch's loss tokens, this rank's non-pad tokens, the sum of squared sequence lengths that attention's FLOPs grow
+with, and in every micro-batch the positions that predict a label (`label_positions`, for the loss).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ft_dist.data.batching import (
     collate_flat,
     count_real_tokens,
     examples_from_rows,
+    label_positions,
     sequence_lengths,
 )
 
@@ -64,6 +65,7 @@ class StepDataset(torch.utils.data.Dataset):
             examples = examples_from_rows(self.rows[indices])
             seq_sq += sum(n * n for e in examples for n in sequence_lengths(e))
             batch = collate_flat(examples) if self.flatten else collate(examples, self.pad_id)
+            batch["label_positions"] = label_positions(batch["labels"])
             tokens += count_real_tokens(batch)
             batches.append(batch)
         return StepBatches(step, batches, int(n_global), tokens, seq_sq)

@@ -9,7 +9,7 @@ from typing import Any, Dict
 import torch
 
 from ft_dist import dist
-from ft_dist.data.batching import collate, examples_from_rows, to_device
+from ft_dist.data.batching import collate, examples_from_rows, label_positions, to_device
 from ft_dist.strategies.base import Strategy
 
 
@@ -33,7 +33,8 @@ def evaluate_loss(
         real = b < n_batches
         start = (b if real else 0) * batch_size
         rows = dataset[start : start + batch_size]
-        batch = to_device(collate(examples_from_rows(rows), pad_id), world.device)
+        batch = collate(examples_from_rows(rows), pad_id)
+        batch = to_device({**batch, "label_positions": label_positions(batch["labels"])}, world.device)
         summed = strategy.loss(batch, 1)  # n_items=1: the sum over the batch's tokens
         if real:
             loss_sum += float(summed)
