@@ -24,6 +24,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("checkpoint/metrics", ("ft_dist.checkpoint", "ft_dist.tracking")),
     ("eval", ("ft_dist.eval",)),
     ("loop", ("ft_dist.loop", "ft_dist.watchdog", "ft_dist.dry_run")),
+    ("generate", ("ft_dist.generate",)),
     ("commands", ("ft_dist.commands",)),
 ]
 RANK = {prefix: rank for rank, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes}

@@ -20,6 +20,7 @@ from ft_dist.config import ModelConfig, RunConfig, load_arch_file, validate
 from ft_dist.data.schema import DataConfig, validate_data
 from ft_dist.errors import ConfigError
 from ft_dist.eval.run_schema import EvalRunConfig, GenerateRunConfig
+from ft_dist.generate.schema import DataGenerateConfig
 from ft_dist.planner.catalog import instance, load_catalog
 from ft_dist.planner.schema import PlanConfig
 from ft_dist.settings import check_fields, setting
@@ -94,6 +95,7 @@ def register_configs() -> None:
         ("eval_schema", EvalRunConfig),
         ("generate_schema", GenerateRunConfig),
         ("data_report_schema", DataReportConfig),
+        ("data_generate_schema", DataGenerateConfig),
         ("plan_schema", PlanRunConfig),
         ("export_schema", ExportConfig),
         ("slurm_launch", SlurmLaunchConfig),
@@ -128,6 +130,41 @@ def validate_data_run(cfg: DataReportConfig) -> None:
     if cfg.model.tokenizer is None and cfg.model.name_or_path is None:
         raise ConfigError("model.tokenizer", "expected a tokenizer path or id (the report counts tokens)")
     validate_data(cfg.data)
+
+
+def validate_generate_run(cfg: DataGenerateConfig) -> None:
+    """Pre-flight checks of `ft-data generate` (conf/data_generate.yaml): every mistake that would otherwise surface
+    after the model is loaded or the first request is sent (no inputs, no {chunk}, a wrong model path, an
+    unreachable endpoint) is one line here, before torch is imported."""
+    from ft_dist.generate.backends import check_endpoint, check_model_dir
+    from ft_dist.generate.documents import input_files
+    from ft_dist.generate.prompt import check_template
+
+    check_fields(DataGenerateConfig, cfg)
+    if cfg.chunk_overlap >= cfg.chunk_tokens:
+        raise ConfigError(
+            "chunk_overlap", f"expected fewer than chunk_tokens ({cfg.chunk_tokens}), got {cfg.chunk_overlap}"
+        )
+    check_template(cfg.prompt)
+    input_files(list(cfg.inputs))
+    gen = cfg.generate
+    if gen.backend == "local":
+        check_model_dir(gen.model_path)
+    else:
+        if not gen.base_url:
+            raise ConfigError(
+                "generate.base_url", "generate.backend=openai needs the endpoint, e.g. http://127.0.0.1:8000/v1"
+            )
+        if not (gen.model or gen.model_path):
+            raise ConfigError("generate.model", "generate.backend=openai needs the served model's name")
+        if not (gen.tokenizer or gen.model_path):
+            raise ConfigError(
+                "generate.tokenizer",
+                "chunks are measured in the generator's tokens: set generate.tokenizer to its tokenizer",
+            )
+        check_endpoint(gen)
+    if gen.tokenizer is not None and not Path(gen.tokenizer).expanduser().exists() and gen.tokenizer != "embedded:char":
+        raise ConfigError("generate.tokenizer", f"expected a local tokenizer directory, got {gen.tokenizer!r}")
 
 
 def validate_plan(cfg: PlanRunConfig) -> None:

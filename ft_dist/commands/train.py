@@ -93,7 +93,7 @@ def _train(cfg: RunConfig, world: dist.World) -> int:
 
     container = scrub_secrets(OmegaConf.to_container(cfg, resolve=True))
     tracker = Tracker(out_dir, cfg.logger, container)
-    report: Dict[str, Any] = {"parameters": counts}
+    report: Dict[str, Any] = {"parameters": counts, "data": data.record()}
     if cfg.eval.before_training:
         report["before"] = _before_training(cfg, strategy, tokenizer, data, memory, out_dir, checkpoints.resume_from)
 

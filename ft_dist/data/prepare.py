@@ -37,13 +37,13 @@ from ft_dist.data.sources import (
     iter_records,
     record_features,
 )
-from ft_dist.data.split import add_keys, first_occurrences, overlap, split_train_test
+from ft_dist.data.split import add_keys, first_occurrences, keys_digest, nested_subset, overlap, split_train_test
 from ft_dist.data.templates import chat_template_for
 from ft_dist.data.tokenize import EncodeSettings, encode_batch
 from ft_dist.errors import DataError, UserError
 from ft_dist.settings import identity
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: stats.json has the splits' key digests
 _INTERNAL = ("messages", "status", "error", "key", "keep")
 HISTOGRAM_BINS = 20
 
@@ -64,6 +64,9 @@ class PreparedData:
             f"data: {s['records']} records -> {s['train']} train / {s['test']} test, {s['truncated']} truncated, "
             f"{s['dropped']} dropped as over-long"
         )
+        if s.get("fraction"):
+            f = s["fraction"]
+            line += f"; data.fraction={f['fraction']}: {f['kept']} of {f['of']} training examples kept"
         removed = [f"{s[k]} {k}" for k in ("empty", "duplicates") if s.get(k)]
         if s.get("skipped"):
             removed.insert(
@@ -72,6 +75,13 @@ class PreparedData:
         if removed:
             line += "; not used: " + ", ".join(removed)
         return f"{line} (cache {self.cache_path.name})"
+
+    def record(self) -> Dict[str, Any]:
+        """What a run keeps about its data in eval.json: the split sizes as prepared (after data.fraction,
+        filtering and over-long drops) and each split's key digest, so runs can be checked to share a test split."""
+        s = self.stats
+        keys = ("train", "test", "train_digest", "test_digest", "fraction")
+        return {**{k: s.get(k) for k in keys}, "cache": self.cache_path.name}
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -188,6 +198,14 @@ def _build(data_cfg: DataConfig, tokenizer: Any, target: Path) -> None:
             )
         train, test = split_train_test(ds, data_cfg.test_size, data_cfg.split_seed)
         stats["train_test_overlap"] = overlap(column(train, "key"), column(test, "key"))
+        # The test split is fixed above; data.fraction thins the training examples only, before any reweighting,
+        # so it counts distinct examples and every fraction is scored on these same test examples.
+        stats["test_digest"] = keys_digest(column(test, "key"))
+        if data_cfg.fraction < 1:
+            kept = nested_subset(len(train), data_cfg.fraction, data_cfg.split_seed)
+            stats["fraction"] = {"fraction": data_cfg.fraction, "kept": len(kept), "of": len(train)}
+            train = train.select(kept)
+        stats["train_digest"] = keys_digest(column(train, "key"))
         sources = configured_sources(data_cfg)
         if any(s.weight != 1.0 for s in sources):
             train = train.select(

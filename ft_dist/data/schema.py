@@ -87,6 +87,11 @@ class DataConfig:
     test_size: float = 0.1
     """Share (0 < x < 1) or count (x >= 1) of examples held out for evaluation."""
     split_seed: int = 42
+    fraction: float = 1.0
+    """Share (0 < x <= 1) of the training examples kept, taken after the test split is held out, so every fraction
+    is scored on the same test split. Nested: one permutation seeded by `split_seed` orders the training examples
+    and the first round(x * n) are kept, so a smaller fraction is a subset of every larger one (learning curves,
+    `ft-sweep curve`)."""
     limit: Optional[int] = None
     """Use only the first N records (smoke runs)."""
     num_proc: int = setting(1, identity=False)
@@ -121,6 +126,8 @@ def validate_data(data: Any) -> None:
         raise ConfigError("data.max_seq_len", f"expected a value > 1, got {data.max_seq_len}")
     if not (0 < data.test_size < 1 or (data.test_size >= 1 and float(data.test_size).is_integer())):
         raise ConfigError("data.test_size", f"expected a share in (0, 1) or a whole count >= 1, got {data.test_size}")
+    if not 0 < data.fraction <= 1:
+        raise ConfigError("data.fraction", f"expected a share in (0, 1] of the training examples, got {data.fraction}")
     if data.limit is not None and data.limit <= 0:
         raise ConfigError("data.limit", f"expected a positive count or null, got {data.limit}")
     for key in ("num_proc", "pack_window"):

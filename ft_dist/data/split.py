@@ -60,3 +60,16 @@ def split_train_test(ds: Any, test_size: float, seed: int) -> Tuple[Any, Any]:
 def overlap(train_keys: np.ndarray, test_keys: np.ndarray) -> int:
     """Test examples that also occur in train (0 whenever dedup is on)."""
     return int(np.isin(test_keys, train_keys).sum())
+
+
+def nested_subset(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Indices (sorted) of the `fraction` of n training examples kept: the first round(fraction * n) of one seeded
+    permutation, at least one. The permutation depends on n and the seed only, so for the same training split a
+    smaller fraction is always a subset of a larger one (the points of a learning curve are nested)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[: max(1, round(fraction * n))])
+
+
+def keys_digest(keys: np.ndarray) -> str:
+    """A short digest of a split's example keys (order-free): equal digests mean the same examples."""
+    return hashlib.blake2b(np.sort(keys.astype(np.int64)).tobytes(), digest_size=8).hexdigest()
