@@ -8,7 +8,7 @@ sbh(34 + 5as/h) counts the same thing for Megatron's GPT; HF's blocks differ:
   Autocast (bf16/fp16 mixed): the residual stream stays fp32 (norms keep 4h + 4h), projections keep a 16-bit cast
   of their input per call, and autocast caches a 16-bit copy of every fp32 weight until backward (2 B/param).
   LoRA: frozen norm weights keep no normalised copy; PEFT adds r-sized A outputs per adapted projection and, with
-  dropout, the dropped input (compute dtype) and its mask (1 B) per adapted projection.
+  dropout, a dropped input per adapted projection and dropout's mask (1 B on CUDA; on CPU the scaled noise).
 Eager attention adds the softmax (nh x s per token, fp32, plus a 16-bit copy in 16-bit modes).
 The loss: the fp32 log-softmax and two fp32 gradients of V per token (see loss_bytes); chunked cross-entropy
 (ft_dist/loss.py) holds that for one chunk of tokens at a time, in forward and in its recompute in backward.
@@ -36,11 +36,11 @@ _BLOCK_COEFFS = {
     ("llama", "pure", False): (16, 4, 4, 8),
     ("llama", "pure", True): (20, 4, 4, 8),
     ("gpt_neox", "fp32", False): (24, 8, 8, 8),
-    ("gpt_neox", "fp32", True): (16, 8, 8, 8),
+    ("gpt_neox", "fp32", True): (12, 16, 12, 8),
     ("gpt_neox", "mixed", False): (26, 4, 4, 4),
-    ("gpt_neox", "mixed", True): (20, 4, 4, 4),
+    ("gpt_neox", "mixed", True): (6, 8, 6, 4),
     ("gpt_neox", "pure", False): (16, 4, 4, 4),
-    ("gpt_neox", "pure", True): (20, 4, 4, 4),
+    ("gpt_neox", "pure", True): (6, 8, 6, 4),
 }
 # The final norm keeps what one block norm keeps (its output only if the head is trained): bytes per h.
 _FINAL_NORM = {
@@ -105,25 +105,48 @@ def block_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
     lora = setup.peft != "none"
     mode = _mode(setup)
     ch, cq, ckv, ci = _BLOCK_COEFFS[(_family(arch), mode, lora)]
-    out = ch * arch.hidden + cq * arch.q_dim + ckv * arch.kv_dim + ci * arch.intermediate
+    out: float = ch * arch.hidden + cq * arch.q_dim + ckv * arch.kv_dim + ci * arch.intermediate
     if lora:
-        # The coefficients count every projection adapted (all-linear). A frozen projection keeps nothing for
-        # backward (autograd saves a matmul's input only to compute its weight's gradient), so an input that no
-        # adapted projection reads is not kept. Each adapted projection adds lora_A's r-sized output (kept by
-        # lora_B) and, with dropout, the dropped copy of its input and dropout's 1-byte mask.
+        # The coefficients are for every projection adapted (all-linear), without dropout; each adapted projection
+        # adds lora_A's r-sized output (kept by lora_B). What lora_A keeps of its input, per mode (counted tensor by
+        # tensor and checked per block against MemTracker, tests/test_planner.py):
+        #   fp32: the block's input itself, one tensor per input, shared by the projections that read it (in the
+        #     coefficients). In Llama the attention output that o_proj reads is the very tensor SDPA keeps for its
+        #     backward; GPT-NeoX reshapes it into a copy first.
+        #   mixed: autocast's 16-bit copy, one per projection (in the coefficients);
+        #   pure with fp32 adapters: PEFT's fp32 cast, one per projection, in place of the coefficients' copies.
+        # A frozen projection keeps nothing (autograd saves a matmul's input only for its weight's gradient).
+        # Dropout makes a new input per projection, which lora_A keeps in place of the shared one (in mixed mode
+        # autocast's copy of it), and keeps what its own backward needs: on CUDA the fused kernel's 1-byte mask, on
+        # CPU the scaled noise in the input's dtype (aten's unfused input * noise).
         adapted = arch.targeted(list(setup.lora_targets))
+        names = {lin.name for lin in adapted}
         b = 4 if mode == "fp32" else 2
-        read = {_input_of(lin) for lin in adapted}
-        if setup.peft == "qlora" and setup.qlora_keeps_inputs:
-            read = set(_inputs(arch))
-        out -= b * sum(fan_in for group, fan_in in _inputs(arch).items() if group not in read)
         fan_in = sum(lin.fan_in for lin in adapted)
-        if mode == "pure" and setup.lora_fp32 and not setup.deepspeed and not setup.fsdp:
-            # fp32 adapters over a bf16 base, no autocast: PEFT casts each adapted projection's input to fp32, and
-            # lora_A keeps that copy (or, with dropout, the dropped copy and the mask).
-            out += (5 if setup.lora_dropout > 0 else 4) * fan_in + 4 * setup.lora_rank * len(adapted)
+        keeps_all = setup.peft == "qlora" and setup.qlora_keeps_inputs  # old bitsandbytes saves frozen inputs
+        fp32_adapters = _fp32_adapters(setup)
+        dropout = setup.lora_dropout > 0
+        mask = _dropout_mask_bytes(setup) * fan_in
+        out += setup.lora_rank * len(adapted) * (4 if fp32_adapters else b)
+        if mode == "fp32":
+            read = {_input_of(lin) for lin in adapted} | (set(_inputs(arch)) if keeps_all else set())
+            kept = {"attn_out"} if _family(arch) == "llama" else set()  # see the comment above
+            own = {g: w for g, w in _inputs(arch).items() if g not in kept}  # inputs nothing else keeps
+            out -= 4 * sum(w for g, w in own.items() if g not in read)
+            if dropout:
+                out += 4 * fan_in + mask - 4 * sum(w for g, w in own.items() if g in read)
         else:
-            out += b * setup.lora_rank * len(adapted) + ((b + 1) * fan_in if setup.lora_dropout > 0 else 0)
+            frozen = 0 if keeps_all else sum(lin.fan_in for lin in arch.block_linears if lin.name not in names)
+            if fp32_adapters:
+                out += 4 * fan_in + mask - 2 * sum(lin.fan_in for lin in arch.block_linears)
+            else:
+                out += mask - 2 * frozen
+                if mode == "pure" and not dropout and not keeps_all:
+                    # 16-bit adapters and no dropout: lora_A reads the block's input itself, one tensor per input
+                    # (none for Llama's attention output, which SDPA keeps anyway), not a copy per projection.
+                    kept = {"attn_out"} if _family(arch) == "llama" else set()
+                    read = {_input_of(lin) for lin in adapted} - kept
+                    out -= 2 * fan_in - 2 * sum(w for g, w in _inputs(arch).items() if g in read)
         if setup.peft == "qlora" and setup.qlora_upcast and mode != "fp32":
             out += 4 * arch.hidden  # the fp32 embeddings and norms keep the residual stream (both norms' inputs) fp32
     if setup.attention == "eager":
@@ -133,6 +156,29 @@ def block_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
     else:
         out += 4 * arch.heads  # the logsumexp SDPA/flash keep
     return out
+
+
+def _fp32_adapters(setup: TrainingSetup) -> bool:
+    """fp32 adapters over a bf16 base without autocast: PEFT casts each adapted projection's input to fp32."""
+    return _mode(setup) == "pure" and setup.lora_fp32 and not setup.deepspeed and not setup.fsdp
+
+
+def _dropout_mask_bytes(setup: TrainingSetup) -> float:
+    """What LoRA's dropout keeps for its backward, per element of its input: CUDA's fused kernel a 1-byte mask,
+    CPU's unfused input * noise the noise, in the dtype PEFT hands the dropout (fp32 where the adapters are)."""
+    if setup.lora_dropout <= 0:
+        return 0.0
+    if setup.device == "cuda":
+        return 1.0
+    return 4.0 if _mode(setup) in ("fp32", "mixed") or _fp32_adapters(setup) else 2.0
+
+
+def _first_block_saving(arch: Architecture, setup: TrainingSetup) -> float:
+    """Bytes per token the first block keeps less than the others under (Q)LoRA: the embeddings are frozen, so
+    nothing before the first adapter needs a gradient. Its input norm keeps nothing (4h: the fp32 input or upcast
+    every norm keeps), nor do the dropouts of the projections reading that norm's output."""
+    attn = [lin for lin in arch.targeted(list(setup.lora_targets)) if _input_of(lin) == "attn"]
+    return 4.0 * arch.hidden + _dropout_mask_bytes(setup) * sum(lin.fan_in for lin in attn)
 
 
 # Projections that read the same input tensor (PEFT module names of the Llama, GPT-NeoX and GPT-2 blocks).
@@ -180,7 +226,7 @@ def activation_phases(arch: Architecture, setup: TrainingSetup) -> ActivationPha
         saved = recomputed * (residual_bytes * arch.hidden * t + cache) + (arch.layers - recomputed) * (block + cache)
         backward_end = block + cache + residual_bytes * arch.hidden * t
     else:
-        saved = arch.layers * (block + cache)
+        saved = arch.layers * (block + cache) - (_first_block_saving(arch, setup) * t if lora else 0.0)
         backward_end = block + cache
     # Backward of a block also holds the incoming gradient and the MLP's intermediate gradients.
     backward_end += t * (2 * arch.intermediate + 2 * arch.hidden) * setup.compute_bytes

@@ -77,7 +77,8 @@ def build_model(arch: Mapping[str, Any], setup: TrainingSetup) -> Any:
     """The HF causal LM for `arch`, in the dtypes `setup` implies, with LoRA and checkpointing applied.
 
     Weight dtypes: fp32 and mixed precision keep fp32 weights (autocast computes in 16 bit); pure bf16 stores bf16.
-    LoRA freezes a base stored in the compute dtype (bf16 unless fp32); PEFT keeps the adapters in fp32.
+    LoRA freezes a base stored in the compute dtype (bf16 unless fp32); PEFT keeps the adapters in fp32 unless
+    `lora_fp32` is off or the strategy is DeepSpeed/FSDP2.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -101,6 +102,9 @@ def build_model(arch: Mapping[str, Any], setup: TrainingSetup) -> Any:
                 target_modules=targets,
                 task_type="CAUSAL_LM",
             ),
+            # 16-bit adapters where the run has them: torchtune/LitGPT-style, or DeepSpeed and FSDP2, which cast
+            # every weight to the compute dtype.
+            autocast_adapter_dtype=setup.lora_fp32 and not (setup.deepspeed or setup.fsdp),
         )
     if setup.activation_checkpointing:
         checkpoint_blocks(model, setup.checkpoint_every)
