@@ -182,6 +182,13 @@ def test_through_a_real_server_then_sigkill_and_resume(server, trained, docs, tm
     assert rows(killed) == kept and part.read_text().count("\n") == before + (report["chunks"] - before)
     r4 = generate([*args, "prompt.n_pairs=2"], timeout=300)  # another prompt never resumes into these parts
     assert r4.returncode == 2 and "prompt.n_pairs" in r4.stderr and len(r4.stderr.strip().splitlines()) == 1, r4.stderr
+    # The default API, chat completions, against a model without a chat template: the server answers 500 to every
+    # request. One line before any chunk is read, not a run of replies counted malformed.
+    chat = [a for a in served(server, trained, docs, tmp_path / "chat" / "g.jsonl") if not a.startswith("generate.api")]
+    r5 = generate(chat, timeout=120)
+    lines = r5.stderr.strip().splitlines()
+    assert r5.returncode == 2 and len(lines) == 1 and "generate.api" in lines[0] and "500" in lines[0], r5.stderr
+    assert "generate.api=completions" in lines[0] and not (tmp_path / "chat").exists()
 
 
 def test_local_backend_two_ranks_equal_one(trained, docs, tmp_path):
@@ -249,3 +256,28 @@ def test_chunks_overlap_replies_are_strict_and_near_duplicates_are_caught():
     assert grounding("zzz qqq", "Oslo is a city.") == 0.0
     assert html_text("<p>Lima is a city.</p><script>var x;</script><style>p{}</style><p>Old.</p>") == \
         "Lima is a city.\nOld."
+
+
+def test_the_embedded_generator_task_and_documents_are_what_their_builders_write(tmp_path):
+    """The README walkthrough's assets: deterministic, and each generator reply is one the pipeline parses into the
+    pairs it promises, grounded in the record the request holds."""
+    from ft_dist.generate.demo import ASKED, TEMPLATE, write_assets
+    from ft_dist.generate.filters import pair_verdict
+    from ft_dist.generate.replies import parse_reply
+    from ft_dist.generate.schema import FilterConfig
+    from ft_dist.runtime import ASSET_DIR
+
+    write_assets(tmp_path)
+    for name in ("demo_generator.jsonl", "documents/registry.jsonl"):
+        assert (tmp_path / name).read_bytes() == (ASSET_DIR / name).read_bytes(), name
+    prefix, suffix = TEMPLATE.split("{chunk}")
+    prefix = prefix.replace("{n_pairs}", str(len(ASKED))).replace("{style}", "question/answer")
+    for row in rows(ASSET_DIR / "demo_generator.jsonl")[:200]:
+        assert row["question"].startswith(prefix) and row["question"].endswith(suffix)
+        chunk = row["question"][len(prefix):-len(suffix)]
+        pairs = parse_reply(row["answer"], "qa")
+        assert pairs is not None and [q.split()[2] for q, _ in pairs] == list(ASKED)
+        assert all(pair_verdict(q, a, chunk, FilterConfig(), set()) is None for q, a in pairs)
+    documents = [r["text"] for r in rows(ASSET_DIR / "documents" / "registry.jsonl")]
+    taught = {row["question"][len(prefix):-len(suffix)] for row in rows(ASSET_DIR / "demo_generator.jsonl")}
+    assert len(documents) == 3000 and len(taught & set(documents)) < 10  # the documents are new to the generator

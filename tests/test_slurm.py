@@ -174,3 +174,24 @@ def test_hydra_multirun_through_submitit_writes_summary(slurm_one, model_dir, ca
     assert all(isinstance(r["metrics"]["eval_loss"], float) for r in rows)
     table = (sweep_dir / "summary.md").read_text()
     assert all(f"| {i} | train.lr=" in table for i in range(3))
+
+
+def test_learning_curve_runs_through_the_slurm_launcher(slurm_one, model_dir, cache_dir, tmp_path):
+    """`ft-sweep curve ... -- hydra/launcher=slurm`: every (model, fraction) run is a Slurm job, ft-eval scores each
+    run on the one test split, and the curve is written."""
+    saved = f"saved: model.name_or_path={model_dir} model.from_config=false model.tokenizer=embedded:char"
+    args = [a for a in train_args(model_dir, cache_dir, 3) if not a.startswith(("model.", "strategy="))]
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), "curve", "--dir", str(tmp_path / "c"),
+                           "--fractions", "0.5,1.0", "--model", saved, "--", "hydra/launcher=slurm",
+                           "hydra.launcher.cpus_per_task=1", *args],
+                          cwd=REPO, env=proc_env(slurm_one), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "c" / "saved" / "summary.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["ok", "ok"] and all(r["slurm_job_id"] for r in rows), rows
+    assert len({r["slurm_job_id"] for r in rows}) == 2  # one Slurm job per fraction
+    points = json.loads((tmp_path / "c" / "curve.json").read_text())["points"]
+    assert [p["status"] for p in points] == ["ok", "ok"], points
+    small, full = sorted(points, key=lambda p: p["fraction"])
+    assert small["examples"] * 2 == pytest.approx(full["examples"], abs=1)
+    assert all(isinstance(p["eval_loss"], float) for p in points)
+    assert (tmp_path / "c" / "curve.png").stat().st_size > 0

@@ -73,11 +73,31 @@ def openai_client(cfg: GeneratorConfig, max_retries: int | None = None, timeout:
 
 
 def check_endpoint(cfg: GeneratorConfig) -> None:
-    """One quick request (GET /models, 5 s, no retries): an unreachable endpoint is one line, not a hung run."""
+    """Two quick requests, no retries: GET /models (5 s), so an unreachable endpoint is one line, not a hung run;
+    then one 1-token request through `generate.api`, so a server that cannot serve it (a model without a chat
+    template behind chat completions, a wrong model name) is one line too, not a run of replies counted malformed."""
     import openai
 
     try:
-        openai_client(cfg, max_retries=0, timeout=min(cfg.timeout_s, 5.0)).models.list()
+        client = openai_client(cfg, max_retries=0, timeout=min(cfg.timeout_s, 5.0))
+        client.models.list()
+        model = cfg.model or cfg.model_path or ""
+        try:
+            if cfg.api == "completions":
+                client.completions.create(model=model, prompt="Hi", max_tokens=1, timeout=cfg.timeout_s)
+            else:
+                client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=1, timeout=cfg.timeout_s
+                )
+        except openai.APIStatusError as err:
+            if isinstance(err, openai.AuthenticationError):
+                raise
+            hint = " (a model without a chat template: use generate.api=completions)" if cfg.api == "chat" else ""
+            raise ConfigError(
+                "generate.api",
+                f"{cfg.base_url} answered {err.status_code} to a 1-token {cfg.api} request for model {model!r}"
+                f"{hint}; check generate.model and generate.api against what the server serves",
+            ) from err
     except openai.APIConnectionError as err:
         raise ConfigError(
             "generate.base_url", f"cannot reach {cfg.base_url} ({type(err).__name__}); start the server or fix the URL"
