@@ -32,6 +32,11 @@ def record(rng: random.Random) -> Tuple[Dict[str, str], str]:
     return fields, "; ".join(f"{k}={fields[k]}" for k in order)
 
 
+def question(field: str, text: str) -> str:
+    """The task's question: extract `field` from the record `text`."""
+    return f"Extract the {field} from: {text}"
+
+
 def make_examples(n: int, seed: int = 0) -> List[Dict[str, str]]:
     """n question/answer pairs: a shuffled record and the value of one of its fields."""
     rng = random.Random(seed)
@@ -39,7 +44,7 @@ def make_examples(n: int, seed: int = 0) -> List[Dict[str, str]]:
     for _ in range(n):
         fields, text = record(rng)
         asked = rng.choice(FIELDS)
-        out.append({"question": f"Extract the {asked} from: {text}", "answer": fields[asked]})
+        out.append({"question": question(asked, text), "answer": fields[asked]})
     return out
 
 

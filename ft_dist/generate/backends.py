@@ -72,6 +72,17 @@ def openai_client(cfg: GeneratorConfig, max_retries: int | None = None, timeout:
     )
 
 
+def request(client: Any, cfg: GeneratorConfig, model: str, prompt: str, max_tokens: int) -> str:
+    """One reply through `generate.api`: completions gets the prompt as it is, chat as one user message."""
+    if cfg.api == "completions":
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=cfg.temperature)
+        return r.choices[0].text or ""
+    c = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=cfg.temperature
+    )
+    return c.choices[0].message.content or ""
+
+
 def check_endpoint(cfg: GeneratorConfig) -> None:
     """Two quick requests, no retries: GET /models (5 s), so an unreachable endpoint is one line, not a hung run;
     then one 1-token request through `generate.api`, so a server that cannot serve it (a model without a chat
@@ -83,15 +94,10 @@ def check_endpoint(cfg: GeneratorConfig) -> None:
         client.models.list()
         model = cfg.model or cfg.model_path or ""
         try:
-            if cfg.api == "completions":
-                client.completions.create(model=model, prompt="Hi", max_tokens=1, timeout=cfg.timeout_s)
-            else:
-                client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=1, timeout=cfg.timeout_s
-                )
+            request(client.with_options(timeout=cfg.timeout_s), cfg, model, "Hi", max_tokens=1)
+        except openai.AuthenticationError:
+            raise
         except openai.APIStatusError as err:
-            if isinstance(err, openai.AuthenticationError):
-                raise
             hint = " (a model without a chat template: use generate.api=completions)" if cfg.api == "chat" else ""
             raise ConfigError(
                 "generate.api",
@@ -121,21 +127,7 @@ class OpenAIGenerator:
         import openai
 
         try:
-            if self.cfg.api == "completions":
-                r = self.client.completions.create(
-                    model=self.model,
-                    prompt=prompt,
-                    max_tokens=self.cfg.max_new_tokens,
-                    temperature=self.cfg.temperature,
-                )
-                return r.choices[0].text or ""
-            c = self.client.chat.completions.create(
-                model=self.model,
-                messages=[{"role": "user", "content": prompt}],
-                max_tokens=self.cfg.max_new_tokens,
-                temperature=self.cfg.temperature,
-            )
-            return c.choices[0].message.content or ""
+            return request(self.client, self.cfg, self.model, prompt, self.cfg.max_new_tokens)
         except openai.APIStatusError as err:  # a 4xx the client does not retry: this chunk's reply is unusable
             return f"<error {err.status_code}>"
         except openai.APIConnectionError as err:  # timeouts included, after the client's retries

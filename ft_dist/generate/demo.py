@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Dict, List
 
-from ft_dist.data.demo import make_documents, record
+from ft_dist.data.demo import make_documents, question, record
 from ft_dist.generate.prompt import render
 from ft_dist.generate.schema import PromptConfig
 
@@ -32,7 +32,7 @@ def make_generator_examples(n: int, seed: int = 1) -> List[Dict[str, str]]:
     out = []
     for _ in range(n):
         fields, text = record(rng)
-        pairs = [{"question": f"Extract the {f} from: {text}", "answer": fields[f]} for f in ASKED]
+        pairs = [{"question": question(f, text), "answer": fields[f]} for f in ASKED]
         out.append({"question": render(cfg, text), "answer": json.dumps(pairs)})
     return out
 

@@ -20,7 +20,7 @@ bench/memory_features.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Set, Tuple
 
 from ft_dist.config import CHUNKED_LOSS_ARCHS
 from ft_dist.planner.params import Architecture, Linear
@@ -121,6 +121,8 @@ def block_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
         # CPU the scaled noise in the input's dtype (aten's unfused input * noise).
         adapted = arch.targeted(list(setup.lora_targets))
         names = {lin.name for lin in adapted}
+        read = {_input_of(lin) for lin in adapted}
+        own = {g: w for g, w in _inputs(arch).items() if g not in _kept_by_attention(arch)}  # nothing else keeps
         b = 4 if mode == "fp32" else 2
         fan_in = sum(lin.fan_in for lin in adapted)
         keeps_all = setup.peft == "qlora" and setup.qlora_keeps_inputs  # old bitsandbytes saves frozen inputs
@@ -129,9 +131,7 @@ def block_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
         mask = _dropout_mask_bytes(setup) * fan_in
         out += setup.lora_rank * len(adapted) * (4 if fp32_adapters else b)
         if mode == "fp32":
-            read = {_input_of(lin) for lin in adapted} | (set(_inputs(arch)) if keeps_all else set())
-            kept = {"attn_out"} if _family(arch) == "llama" else set()  # see the comment above
-            own = {g: w for g, w in _inputs(arch).items() if g not in kept}  # inputs nothing else keeps
+            read = read | (set(_inputs(arch)) if keeps_all else set())
             out -= 4 * sum(w for g, w in own.items() if g not in read)
             if dropout:
                 out += 4 * fan_in + mask - 4 * sum(w for g, w in own.items() if g in read)
@@ -144,9 +144,7 @@ def block_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
                 if mode == "pure" and not dropout and not keeps_all:
                     # 16-bit adapters and no dropout: lora_A reads the block's input itself, one tensor per input
                     # (none for Llama's attention output, which SDPA keeps anyway), not a copy per projection.
-                    kept = {"attn_out"} if _family(arch) == "llama" else set()
-                    read = {_input_of(lin) for lin in adapted} - kept
-                    out -= 2 * fan_in - 2 * sum(w for g, w in _inputs(arch).items() if g in read)
+                    out -= 2 * fan_in - 2 * sum(w for g, w in own.items() if g in read)
         if setup.peft == "qlora" and setup.qlora_upcast and mode != "fp32":
             out += 4 * arch.hidden  # the fp32 embeddings and norms keep the residual stream (both norms' inputs) fp32
     if setup.attention == "eager":
@@ -156,6 +154,12 @@ def block_bytes_per_token(arch: Architecture, setup: TrainingSetup) -> float:
     else:
         out += 4 * arch.heads  # the logsumexp SDPA/flash keep
     return out
+
+
+def _kept_by_attention(arch: Architecture) -> Set[str]:
+    """Projection inputs that attention keeps for its own backward anyway: Llama's o_proj reads the very tensor SDPA
+    keeps (GPT-NeoX reshapes it into a copy first)."""
+    return {"attn_out"} if _family(arch) == "llama" else set()
 
 
 def _fp32_adapters(setup: TrainingSetup) -> bool:
